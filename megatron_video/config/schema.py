@@ -1,0 +1,198 @@
+"""The typed configuration tree: one source of truth per setting.
+
+`load_config(path, overrides)` reads YAML (with `base:` inheritance), applies dotted overrides,
+builds these dataclasses and validates them. Validation needs no process group, so a bad config
+fails before any distributed work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_video.config.loader import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    read_yaml_with_bases,
+)
+from megatron_video.models.suv.config import FLAVORS, SUVConfig
+
+
+@dataclass
+class ParallelConfig:
+    """How one model replica is split over devices; data parallel fills the rest of the world."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size: attention heads and FFN width are split over this many ranks."""
+
+    sequence_parallel: bool = False
+    """Split norms and elementwise regions along the token sequence over the tensor-parallel ranks."""
+
+    context_parallel: int = 1
+    """Ulysses context-parallel size: video tokens split by latent frames, all-to-all inside attention."""
+
+    pipeline_parallel: int = 1
+    """Pipeline stages; blocks are split between them."""
+
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline stage for the interleaved schedule; None disables interleaving."""
+
+    world_size: int | None = None
+    """Total ranks, when known before launch (tools fill it from the launcher); None skips that check."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one model replica."""
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel
+
+
+@dataclass
+class RuntimeConfig:
+    """Device, precision and kernel choices."""
+
+    device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
+    """Accelerator backend; auto picks cuda, then npu, then cpu."""
+
+    attention_backend: Literal["auto", "sdpa", "flash", "te", "npu"] = "auto"
+    """Attention kernel: torch SDPA everywhere; flash-attn, Transformer Engine or Ascend fused attention
+    when installed. auto picks npu on Ascend and sdpa otherwise."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter and activation dtype of the denoiser (CPU runs use fp32)."""
+
+    seed: int = 1234
+    """Base random seed."""
+
+    distributed_timeout_s: int = 600
+    """Timeout for collective operations, in seconds."""
+
+
+@dataclass
+class ShapeConfig:
+    """The largest video the run feeds the model, and the VAE that maps it to latents."""
+
+    num_frames: int = 1
+    """Pixel frames per sample (1 = images); must be 1 + multiple of the VAE temporal stride."""
+
+    height: int = 256
+    """Pixel height; a multiple of the VAE spatial stride x model patch size."""
+
+    width: int = 256
+    """Pixel width; a multiple of the VAE spatial stride x model patch size."""
+
+    vae_stride_t: int = 8
+    """VAE temporal compression (8 for WF-VAE 8x8x8, 4 for 4x8x8)."""
+
+    vae_stride_hw: int = 8
+    """VAE spatial compression."""
+
+    text_length: int = 512
+    """Text tokens per caption fed to the model."""
+
+    @property
+    def latent_frames(self) -> int:
+        """Latent frames of a causal VAE: 1 + (num_frames - 1) / stride_t."""
+        return 1 + (self.num_frames - 1) // self.vae_stride_t
+
+
+@dataclass
+class ExperimentConfig:
+    """Root of the configuration tree."""
+
+    model: SUVConfig = field(default_factory=SUVConfig)
+    """The SUV denoiser; `model.flavor` picks the size preset the other keys override."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, precision and kernels."""
+
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    """Largest sample shape, used to check the parallel layout before launch."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and the fix; needs no process group."""
+        self.model.validate()
+        p, m, s = self.parallel, self.model, self.shape
+        for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if m.num_heads % (p.tensor_parallel * p.context_parallel) != 0:
+            raise ConfigError(
+                f"model.num_heads={m.num_heads} must be divisible by parallel.tensor_parallel x "
+                f"parallel.context_parallel = {p.tensor_parallel} x {p.context_parallel}; choose sizes "
+                f"whose product divides {m.num_heads}"
+            )
+        if m.hidden_size % p.tensor_parallel != 0:
+            raise ConfigError(
+                f"hidden size {m.hidden_size} (num_heads x head_dim) must be divisible by "
+                f"parallel.tensor_parallel={p.tensor_parallel}"
+            )
+        if p.sequence_parallel and p.tensor_parallel == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1; "
+                "set sequence_parallel=false or raise tensor_parallel"
+            )
+        if p.virtual_pipeline is not None:
+            if p.pipeline_parallel < 2:
+                raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+            if m.total_layers % (p.pipeline_parallel * p.virtual_pipeline) != 0:
+                raise ConfigError(
+                    f"{m.total_layers} blocks cannot be split evenly over pipeline_parallel x "
+                    f"virtual_pipeline = {p.pipeline_parallel} x {p.virtual_pipeline}"
+                )
+        if p.pipeline_parallel > m.total_layers:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={p.pipeline_parallel} exceeds the {m.total_layers} blocks"
+            )
+        if p.world_size is not None and p.world_size % p.model_parallel_size != 0:
+            raise ConfigError(
+                f"world size {p.world_size} is not divisible by tensor x context x pipeline parallel = "
+                f"{p.model_parallel_size}"
+            )
+        if (s.num_frames - 1) % s.vae_stride_t != 0:
+            valid = [1 + s.vae_stride_t * i for i in range(1, 5)]
+            raise ConfigError(
+                f"shape.num_frames={s.num_frames} must be 1 + a multiple of the VAE temporal stride "
+                f"{s.vae_stride_t} (e.g. 1, {', '.join(map(str, valid))}, ...)"
+            )
+        if s.num_frames > 1 and s.latent_frames % p.context_parallel != 0:
+            raise ConfigError(
+                f"{s.latent_frames} latent frames (shape.num_frames={s.num_frames}) are not divisible by "
+                f"parallel.context_parallel={p.context_parallel}; pick num_frames with "
+                f"(num_frames - 1) / {s.vae_stride_t} + 1 a multiple of {p.context_parallel}"
+            )
+        spatial = s.vae_stride_hw * m.patch_size
+        for name in ("height", "width"):
+            if getattr(s, name) % spatial != 0:
+                raise ConfigError(
+                    f"shape.{name}={getattr(s, name)} must be a multiple of VAE stride x patch = {spatial}"
+                )
+        split = p.context_parallel * (p.tensor_parallel if p.sequence_parallel else 1)
+        if s.text_length % split != 0:
+            raise ConfigError(
+                f"shape.text_length={s.text_length} must be divisible by {split} (context parallel"
+                f"{' x tensor parallel under sequence parallel' if p.sequence_parallel else ''}), "
+                "since text tokens are split like video tokens"
+            )
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`."""
+    data = apply_overrides(data, list(overrides or []))
+    model = dict(data.get("model") or {})
+    flavor = model.get("flavor", SUVConfig.flavor)
+    if flavor not in FLAVORS:
+        raise ConfigError(f"unknown model.flavor '{flavor}'; choose one of {sorted(FLAVORS)}")
+    data = {**data, "model": {**FLAVORS[flavor], **model, "flavor": flavor}}
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (with `base:` parents), apply overrides, validate."""
+    return build_config(read_yaml_with_bases(path), overrides)

@@ -1,0 +1,151 @@
+"""Building blocks shared by the denoisers: norms, embeddings, AdaLN modulation, FFN.
+
+Shapes: B batch, S tokens (sequence-first), D width, E conditioning width.
+Tensor-parallel linears are Megatron's; their config and groups come from a `ParallelPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from megatron_video.parallel.plan import ParallelPlan, sum_grads_over_sequence_shards
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dimension with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def timestep_sinusoid(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of (float) timesteps, cos half first."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half
+    angles = t_B.float()[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimestepTextEmbedding(nn.Module):
+    """temb = MLP(sinusoid(t)) + MLP(pooled text), in fp32: [B] and [B, P] -> [B, E]."""
+
+    def __init__(self, embed_dim: int, pooled_dim: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.timestep_embedder = MLPEmbedder(embed_dim, embed_dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, embed_dim)
+
+    def forward(self, t_B: torch.Tensor, pooled_BP: torch.Tensor) -> torch.Tensor:
+        t_emb = self.timestep_embedder(timestep_sinusoid(t_B, self.embed_dim))
+        return t_emb + self.text_embedder(pooled_BP.float())
+
+
+class PatchEmbed2D(nn.Module):
+    """Frame-wise Conv2d patch embedding: [B, C, T, H, W] -> tokens [T*H/p*W/p, B, D]."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = video_BCTHW.shape
+        frames = video_BCTHW.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        emb = self.proj(frames)  # [B*T, D, h', w']
+        d = emb.shape[1]
+        emb = emb.reshape(b, t, d, -1).permute(1, 3, 0, 2)  # [T, h'w', B, D]
+        return emb.reshape(-1, b, d)
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU(temb) -> column-parallel Linear(E -> n*D), gathered: [B, E] -> n tensors [1, B, D].
+
+    The linear is split over TP like every AdaLN linear of the released model (dim 0). The result
+    meets sequence-split tokens, so its gradient is summed over the sequence shards.
+    """
+
+    def __init__(self, embed_dim: int, dim: int, chunks: int, plan: ParallelPlan):
+        super().__init__()
+        self.plan = plan
+        self.chunks = chunks
+        self.linear = ColumnParallelLinear(
+            embed_dim,
+            chunks * dim,
+            config=plan.conditioning_config,
+            init_method=plan.conditioning_config.init_method,
+            bias=True,
+            gather_output=True,
+            tp_group=plan.tp_group,
+        )
+
+    def forward(self, temb_BE: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mod, _ = self.linear(F.silu(temb_BE)[None])
+        mod = sum_grads_over_sequence_shards(mod, self.plan)
+        return mod.chunk(self.chunks, dim=-1)
+
+
+def modulate(x_SBD: torch.Tensor, shift_1BD: torch.Tensor, scale_1BD: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift."""
+    return x_SBD * (1 + scale_1BD) + shift_1BD
+
+
+class FeedForward(nn.Module):
+    """Column-parallel Linear(D -> mult*D) -> tanh-GELU (fp32) -> row-parallel Linear, no biases."""
+
+    def __init__(self, dim: int, mult: int, plan: ParallelPlan):
+        super().__init__()
+        cfg = plan.linear_config
+        self.linear_fc1 = ColumnParallelLinear(
+            dim, dim * mult, config=cfg, init_method=cfg.init_method, bias=False, tp_group=plan.tp_group
+        )
+        self.linear_fc2 = RowParallelLinear(
+            dim * mult,
+            dim,
+            config=cfg,
+            init_method=cfg.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=plan.tp_group,
+        )
+
+    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        h, _ = self.linear_fc1(x_SBD)
+        h = F.gelu(h.float(), approximate="tanh").type_as(h)
+        out, _ = self.linear_fc2(h)
+        return out

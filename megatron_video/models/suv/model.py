@@ -1,0 +1,285 @@
+"""SUV: the sparse U-shaped MMDiT of Open-Sora-Plan v1.5.
+
+Shape legend
+    B batch, C latent channels, T/H/W latent frames/height/width, p spatial patch
+    N = T * (H/p) * (W/p) video tokens, L text tokens, D width, E conditioning width (timestep_embed_dim)
+    Suffixes give the layout: x_SBD is sequence-first [tokens, batch, width]. Inside a parallel run
+    x_SBD holds this rank's token shard (see megatron_video/parallel/plan.py); shapes in comments are
+    those of a single process.
+
+Contract: model(latents_BCTHW, timestep_B, text_BLC, pooled_BP, text_mask_BL, video_mask_BTHW)
+-> velocity_BCTHW, the full tensors on every rank whatever the parallel layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+
+from megatron_video.models.common.attention import JointSkiparseAttention
+from megatron_video.models.common.layers import (
+    AdaLNModulation,
+    FeedForward,
+    LayerNormFP32,
+    PatchEmbed2D,
+    TimestepTextEmbedding,
+    modulate,
+)
+from megatron_video.models.common.rope import rope_3d_tables
+from megatron_video.models.suv.config import SUVConfig
+from megatron_video.parallel.plan import (
+    ParallelPlan,
+    gather_frames_from_context_parallel,
+    gather_from_sequence_parallel,
+    mark_sequence_parallel_params,
+    scatter_to_sequence_parallel,
+    split_frames_for_context_parallel,
+    split_tokens_for_context_parallel,
+)
+
+
+class SUVBlock(nn.Module):
+    """MMDiT block: AdaLN-Zero, joint (Skiparse) attention, per-modality FFN."""
+
+    def __init__(
+        self,
+        cfg: SUVConfig,
+        plan: ParallelPlan,
+        sparse_k: int,
+        group: bool,
+        context_pre_only: bool = False,
+    ):
+        super().__init__()
+        d, e = cfg.hidden_size, cfg.timestep_embed_dim
+        self.sparse_k, self.group = sparse_k, group
+        self.context_pre_only = context_pre_only
+        self.double_ff = cfg.double_ff
+        self.recompute_ffn = False
+        self.norm1 = AdaLNModulation(e, d, 6, plan)
+        self.norm1_video = LayerNormFP32(d, eps=cfg.norm_eps)
+        self.norm1_text = LayerNormFP32(d, eps=cfg.norm_eps)
+        self.attn = JointSkiparseAttention(
+            d, cfg.num_heads, cfg.head_dim, plan, cfg.attention_bias, cfg.norm_eps, context_pre_only
+        )
+        self.norm2 = AdaLNModulation(e, d, 6, plan)
+        self.norm2_video = LayerNormFP32(d, eps=cfg.norm_eps)
+        self.ff = FeedForward(d, cfg.ff_mult, plan)
+        has_text_ff = cfg.double_ff and not context_pre_only
+        self.norm2_text = LayerNormFP32(d, eps=cfg.norm_eps) if has_text_ff else None
+        self.ff_text = FeedForward(d, cfg.ff_mult, plan) if has_text_ff else None
+        for norm in (self.norm1_video, self.norm1_text, self.norm2_video, self.norm2_text):
+            if norm is not None:
+                mark_sequence_parallel_params(norm, plan)
+
+    def forward(self, x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL, backend):
+        # 1. Attention half: modulate both streams, joint attention, gated residuals.
+        sh, sc, g, sh_c, sc_c, g_c = self.norm1(temb_BE)
+        xn = modulate(self.norm1_video(x_SBD), sh, sc)
+        cn = modulate(self.norm1_text(c_LBD), sh_c, sc_c)
+        attn_x, attn_c = self.attn(
+            xn, cn, rope, video_keep_BN, text_keep_BL, self.sparse_k, self.group, backend
+        )
+        x_SBD = x_SBD + g * attn_x
+        if not self.context_pre_only:
+            c_LBD = c_LBD + g_c * attn_c
+        # 2. FFN half.
+        if self.recompute_ffn:
+            return tensor_parallel.checkpoint(self._ffn_half, False, x_SBD, c_LBD, temb_BE)
+        return self._ffn_half(x_SBD, c_LBD, temb_BE)
+
+    def _ffn_half(self, x_SBD, c_LBD, temb_BE):
+        sh, sc, g, sh_c, sc_c, g_c = self.norm2(temb_BE)
+        xn = modulate(self.norm2_video(x_SBD), sh, sc)
+        if self.context_pre_only:
+            return x_SBD + g * self.ff(xn), c_LBD
+        if self.double_ff:
+            cn = modulate(self.norm2_text(c_LBD), sh_c, sc_c)
+            return x_SBD + g * self.ff(xn), c_LBD + g_c * self.ff_text(cn)
+        # Shared FFN over [video ; text]; the text enters unnormalised, as in the released model.
+        out = self.ff(torch.cat([xn, c_LBD], dim=0))
+        n = x_SBD.shape[0]
+        return x_SBD + g * out[:n], c_LBD + g_c * out[n:]
+
+
+class SUVModel(nn.Module):
+    """Sparse U-shaped MMDiT denoiser predicting the flow velocity."""
+
+    def __init__(self, cfg: SUVConfig, plan: ParallelPlan, attention_backend: str = "sdpa"):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.plan, self.attention_backend = cfg, plan, attention_backend
+        d, e = cfg.hidden_size, cfg.timestep_embed_dim
+        self.patch_embed = PatchEmbed2D(cfg.in_channels, d, cfg.patch_size)
+        self.time_text_embed = TimestepTextEmbedding(e, cfg.pooled_projection_dim)
+        self.caption_projection = nn.Linear(cfg.caption_channels, d)
+
+        num_stages = len(cfg.num_layers)
+        self.stages = nn.ModuleList()
+        for s, (layers, k) in enumerate(zip(cfg.num_layers, cfg.sparse_n)):
+            blocks = [
+                SUVBlock(
+                    cfg,
+                    plan,
+                    sparse_k=k,
+                    group=(i % 2 == 1),
+                    context_pre_only=(s == num_stages - 1 and i == layers - 1),
+                )
+                for i in range(layers)
+            ]
+            self.stages.append(nn.ModuleList(blocks))
+
+        # Long skips: decoder stage (num_stages // 2 + 1 + j) fuses the output of encoder stage
+        # (num_stages // 2 - 1 - j) through Linear(2D -> D), for video and text alike.
+        num_skips = num_stages // 2 if cfg.skip_connection else 0
+        self.skip_linears = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
+        self.skip_linears_text = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
+
+        self.norm_final = LayerNormFP32(d, eps=cfg.norm_eps)
+        self.norm_out = AdaLNModulation(e, d, 2, plan)
+        self.norm_out_norm = LayerNormFP32(d, eps=cfg.norm_eps)
+        self.proj_out = nn.Linear(d, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+        for module in (
+            self.skip_linears,
+            self.skip_linears_text,
+            self.norm_final,
+            self.norm_out_norm,
+            self.proj_out,
+        ):
+            mark_sequence_parallel_params(module, plan)
+        self._init_weights()
+        self.set_recompute(cfg.recompute, cfg.recompute_num_layers)
+
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        replicated = [self.caption_projection, self.proj_out, self.patch_embed.proj]
+        replicated += [m for emb in self.time_text_embed.children() for m in emb.children()]
+        for m in replicated:
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        for block in self.blocks():
+            for lin in (block.attn.linear_qkv, block.attn.linear_added_qkv, block.attn.linear_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        for skips in (self.skip_linears, self.skip_linears_text):
+            for lin in skips:
+                self.init_skip_identity(lin)
+        # AdaLN-Zero: every modulation starts at zero, so blocks start as the identity.
+        for mod in [b.norm1 for b in self.blocks()] + [b.norm2 for b in self.blocks()] + [self.norm_out]:
+            nn.init.zeros_(mod.linear.weight)
+            nn.init.zeros_(mod.linear.bias)
+
+    def init_skip_identity(self, lin: nn.Linear) -> None:
+        """Skip fusion weight [I | 0], bias 0 (zero-init) or the normal init otherwise."""
+        d = self.cfg.hidden_size
+        with torch.no_grad():
+            if self.cfg.skip_connection_zero_init:
+                lin.weight.zero_()
+                lin.weight[:, :d].copy_(torch.eye(d))
+            else:
+                nn.init.normal_(lin.weight, std=self.cfg.init_std)
+            lin.bias.zero_()
+
+    def blocks(self) -> list[SUVBlock]:
+        """Every block, stage by stage."""
+        return [b for stage in self.stages for b in stage]
+
+    def set_recompute(self, mode: str, num_layers: int | None = None) -> None:
+        """Recompute whole blocks ('full'), only their FFN half ('ffn'), or nothing ('none')."""
+        limit = len(self.blocks()) if num_layers is None else num_layers
+        self.recompute_full = mode == "full"
+        for i, block in enumerate(self.blocks()):
+            block.recompute_ffn = mode == "ffn" and i < limit
+        self._recompute_limit = limit if mode == "full" else 0
+
+    def _run_block(self, index, block, x, c, temb, rope, video_keep, text_keep):
+        if self.recompute_full and index < self._recompute_limit:
+            # Masks and RoPE tables carry no gradient; close over them.
+            def run(x_, c_, temb_):
+                return block(x_, c_, temb_, rope, video_keep, text_keep, self.attention_backend)
+
+            return tensor_parallel.checkpoint(run, False, x, c, temb)
+        return block(x, c, temb, rope, video_keep, text_keep, self.attention_backend)
+
+    def forward(
+        self,
+        latents_BCTHW: torch.Tensor,
+        timestep_B: torch.Tensor,
+        text_BLC: torch.Tensor,
+        pooled_BP: torch.Tensor,
+        text_mask_BL: torch.Tensor | None = None,
+        video_mask_BTHW: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity [B, C_out, T, H, W] for noisy latents at timesteps sigma * 1000."""
+        cfg, plan = self.cfg, self.plan
+        b, _, t, h, w = latents_BCTHW.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent height/width {h}x{w} must be multiples of the patch size {p}")
+        hp, wp = h // p, w // p
+
+        # 1. Masks (full sequence, needed inside attention) and RoPE tables for the global grid.
+        video_keep_BN = self._video_keep(video_mask_BTHW, b, t, h, w, latents_BCTHW.device)
+        if text_mask_BL is None:
+            text_keep_BL = torch.ones(b, text_BLC.shape[1], dtype=torch.bool, device=text_BLC.device)
+        else:
+            text_keep_BL = text_mask_BL.bool()
+        rope = rope_3d_tables(
+            (t, hp, wp),
+            cfg.head_dim,
+            (cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w),
+            device=latents_BCTHW.device,
+        )
+
+        # 2. Embeddings on this rank's frames / text slice, then the sequence-parallel split.
+        x_SBD = self.patch_embed(split_frames_for_context_parallel(latents_BCTHW, plan))
+        x_SBD = scatter_to_sequence_parallel(x_SBD, plan)
+        temb_BE = self.time_text_embed(timestep_B, pooled_BP)
+        c_LBD = self.caption_projection(split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan))
+        c_LBD = scatter_to_sequence_parallel(c_LBD, plan)
+
+        # 3. U-shaped stages with long skips (LIFO pairing of mirrored stages).
+        num_stages = len(self.stages)
+        mid = num_stages // 2
+        skips: list[tuple[torch.Tensor, torch.Tensor]] = []
+        index = 0
+        for s, stage in enumerate(self.stages):
+            if s > mid and cfg.skip_connection:
+                skip_x, skip_c = skips.pop()
+                j = s - mid - 1
+                x_SBD = self.skip_linears[j](torch.cat([x_SBD, skip_x], dim=-1))
+                c_LBD = self.skip_linears_text[j](torch.cat([c_LBD, skip_c], dim=-1))
+            for block in stage:
+                x_SBD, c_LBD = self._run_block(
+                    index, block, x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL
+                )
+                index += 1
+            if s < mid and cfg.skip_connection:
+                skips.append((x_SBD, c_LBD))
+
+        # 4. Output head: LayerNorm, AdaNorm (its own LayerNorm, then scale/shift), projection.
+        x_SBD = self.norm_final(x_SBD)
+        scale, shift = self.norm_out(temb_BE)
+        x_SBD = modulate(self.norm_out_norm(x_SBD), shift, scale)
+        x_SBD = self.proj_out(x_SBD)
+
+        # 5. Gather the sequence, unpatchify, gather the frames.
+        x_SBD = gather_from_sequence_parallel(x_SBD, plan)
+        t_local = t // plan.cp_size
+        x = x_SBD.reshape(t_local, hp, wp, b, p, p, cfg.out_channels)
+        x = torch.einsum("thwbpqc->bcthpwq", x).reshape(b, cfg.out_channels, t_local, h, w)
+        return gather_frames_from_context_parallel(x, plan)
+
+    def _video_keep(self, video_mask_BTHW, b, t, h, w, device) -> torch.Tensor:
+        """Latent-level mask [B, T, H, W] (1 = valid) -> token validity [B, N] (max over each patch)."""
+        if video_mask_BTHW is None:
+            return torch.ones(
+                b,
+                t * (h // self.cfg.patch_size) * (w // self.cfg.patch_size),
+                dtype=torch.bool,
+                device=device,
+            )
+        p = self.cfg.patch_size
+        m = video_mask_BTHW.float().reshape(b * t, 1, h, w)
+        m = torch.nn.functional.max_pool2d(m, kernel_size=p, stride=p)
+        return m.reshape(b, -1) > 0

@@ -1,0 +1,186 @@
+"""How the video and text token sequences are split, and every collective that moves them.
+
+Layout rules (S = tokens, B = batch, D = width, h = heads, d = head dim):
+
+* Context parallel (Ulysses, group `cp`): rank c holds latent frames [c*T/cp, (c+1)*T/cp) and the
+  matching text slice. The split is a plain slice of the inputs, so every parameter gradient on a
+  CP rank is that rank's share; the data-parallel reduction over (DP x CP) sums the shares.
+  Inside attention an all-to-all trades the sequence split for a head split, so each rank sees
+  the full sequence for h / cp heads and Skiparse regrouping is local.
+* Sequence parallel (Megatron, group `tp`): inside a CP rank, norms and elementwise regions hold
+  S / tp tokens; column-parallel linears all-gather the sequence, row-parallel ones
+  reduce-scatter it. Replicated parameters that touch sequence-split tokens are tagged
+  `sequence_parallel=True`, and Megatron's `finalize_model_grads` sums their gradients over TP.
+* Replicated conditioning (the timestep embedding) enters the sequence-split region through
+  `sum_grads_over_sequence_shards`, so its gradient is the sum over all token shards.
+
+Model code receives a `ParallelPlan` and calls these functions; it never reads global state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import mappings
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Process groups and sizes one model replica runs with."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
+    sequence_parallel: bool = False
+    tp_group: Any = None
+    cp_group: Any = None
+    linear_config: Any = None
+    """Megatron ModelParallelConfig for the tensor-parallel linears (carries sequence_parallel)."""
+
+    conditioning_config: Any = None
+    """The same config with sequence_parallel off, for linears fed by per-sample conditioning."""
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks the token sequence of one CP shard is split over (TP under sequence parallel)."""
+        return self.tp_size if self.sequence_parallel else 1
+
+    @classmethod
+    def from_parallel_state(cls, linear_config: Any) -> ParallelPlan:
+        """Plan for the groups megatron's parallel_state was initialised with."""
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            cp_size=ps.get_context_parallel_world_size(),
+            cp_rank=ps.get_context_parallel_rank(),
+            sequence_parallel=bool(linear_config.sequence_parallel),
+            tp_group=ps.get_tensor_model_parallel_group(),
+            cp_group=ps.get_context_parallel_group(),
+            linear_config=linear_config,
+            conditioning_config=dataclasses.replace(linear_config, sequence_parallel=False),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entering and leaving the split layout (context parallel: plain slices; sequence parallel: Megatron)
+# ---------------------------------------------------------------------------------------------
+
+
+def split_frames_for_context_parallel(video_BCTHW: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """This CP rank's contiguous block of latent frames (dim 2)."""
+    if plan.cp_size == 1:
+        return video_BCTHW
+    frames = video_BCTHW.shape[2]
+    if frames % plan.cp_size != 0:
+        raise ValueError(
+            f"{frames} latent frames cannot be split over context_parallel={plan.cp_size}; "
+            "use a frame count whose latent length is divisible by it"
+        )
+    n = frames // plan.cp_size
+    return video_BCTHW[:, :, plan.cp_rank * n : (plan.cp_rank + 1) * n]
+
+
+def split_tokens_for_context_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """This CP rank's contiguous slice of a sequence-first tensor (text tokens)."""
+    if plan.cp_size == 1:
+        return tokens_SBD
+    s = tokens_SBD.shape[0]
+    if s % plan.cp_size != 0:
+        raise ValueError(
+            f"{s} text tokens cannot be split over context_parallel={plan.cp_size}; "
+            "pad the text length to a multiple of it"
+        )
+    n = s // plan.cp_size
+    return tokens_SBD[plan.cp_rank * n : (plan.cp_rank + 1) * n]
+
+
+def scatter_to_sequence_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """Full (CP-local) sequence -> this TP rank's slice; backward all-gathers."""
+    if plan.sp_size == 1:
+        return tokens_SBD
+    if tokens_SBD.shape[0] % plan.tp_size != 0:
+        raise ValueError(
+            f"{tokens_SBD.shape[0]} tokens cannot be split over tensor_parallel={plan.tp_size} "
+            "under sequence parallel; adjust the shape or disable sequence_parallel"
+        )
+    return mappings.scatter_to_sequence_parallel_region(tokens_SBD, group=plan.tp_group)
+
+
+def gather_from_sequence_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """This TP rank's slice -> full (CP-local) sequence, used identically on every TP rank."""
+    if plan.sp_size == 1:
+        return tokens_SBD
+    return mappings.gather_from_sequence_parallel_region(
+        tokens_SBD, tensor_parallel_output_grad=False, group=plan.tp_group
+    )
+
+
+def gather_frames_from_context_parallel(video_BCTHW: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """Concatenate every CP rank's frames (dim 2); each rank then holds the full video.
+
+    The backward keeps this rank's slice of the (identical) output gradient.
+    """
+    if plan.cp_size == 1:
+        return video_BCTHW
+    moved_TBCHW = video_BCTHW.transpose(0, 2).contiguous()
+    gathered = mappings.gather_from_sequence_parallel_region(
+        moved_TBCHW, tensor_parallel_output_grad=False, group=plan.cp_group
+    )
+    return gathered.transpose(0, 2)
+
+
+def sum_grads_over_sequence_shards(x: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """Identity forward; under sequence parallel the backward sums the gradient over TP ranks.
+
+    Use it where a per-sample tensor (AdaLN modulation) meets sequence-split tokens: each TP
+    rank's gradient then covers only its tokens, and the sum restores the full gradient.
+    """
+    if plan.sp_size == 1:
+        return x
+    return mappings.copy_to_tensor_model_parallel_region(x, group=plan.tp_group)
+
+
+def mark_sequence_parallel_params(module: torch.nn.Module, plan: ParallelPlan) -> None:
+    """Tag replicated parameters that see sequence-split tokens, for the TP gradient sum."""
+    for p in module.parameters():
+        p.sequence_parallel = plan.sequence_parallel
+
+
+# ---------------------------------------------------------------------------------------------
+# Ulysses all-to-all over the context-parallel group
+# ---------------------------------------------------------------------------------------------
+
+
+def ulysses_seq_to_head(x_SBhd: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """[S/cp, B, h, d] -> [S, B, h/cp, d]: gather the sequence, scatter the heads."""
+    if plan.cp_size == 1:
+        return x_SBhd
+    cp = plan.cp_size
+    s, b, h, d = x_SBhd.shape
+    chunks = x_SBhd.reshape(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4).contiguous()
+    out = mappings.all_to_all(plan.cp_group, chunks.reshape(cp * s, b, h // cp, d))
+    return out.reshape(cp * s, b, h // cp, d)
+
+
+def ulysses_head_to_seq(x_SBhd: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
+    """[S, B, h/cp, d] -> [S/cp, B, h, d]: the inverse of `ulysses_seq_to_head`."""
+    if plan.cp_size == 1:
+        return x_SBhd
+    cp = plan.cp_size
+    s, b, hc, d = x_SBhd.shape
+    out = mappings.all_to_all(plan.cp_group, x_SBhd.contiguous())
+    return out.reshape(cp, s // cp, b, hc, d).permute(1, 2, 0, 3, 4).reshape(s // cp, b, cp * hc, d)
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the default group, (0, 1) when not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -1,0 +1,67 @@
+"""Megatron process groups and the one place our config becomes a Megatron TransformerConfig."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+
+from megatron_video.config.schema import ExperimentConfig
+from megatron_video.parallel.plan import ParallelPlan
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_transformer_config(
+    cfg: ExperimentConfig, use_cpu_initialization: bool | None = None
+) -> TransformerConfig:
+    """Megatron TransformerConfig carrying our parallel and precision settings into its linears."""
+    m, p, r = cfg.model, cfg.parallel, cfg.runtime
+    dtype = _DTYPES[r.dtype]
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.total_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.hidden_size * m.ff_mult,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context_parallel,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=r.dtype == "bf16",
+        fp16=r.dtype == "fp16",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layernorm_epsilon=m.norm_eps,
+        qk_layernorm=True,
+        add_bias_linear=m.attention_bias,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        init_method_std=m.init_std,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+
+
+def initialize_model_parallel(cfg: ExperimentConfig) -> None:
+    """Create megatron's TP / CP / PP / DP groups for an initialised default process group."""
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        context_parallel_size=p.context_parallel,
+    )
+
+
+def build_parallel_plan(cfg: ExperimentConfig) -> ParallelPlan:
+    """ParallelPlan over the initialised megatron groups, with the TransformerConfig for linears."""
+    return ParallelPlan.from_parallel_state(build_transformer_config(cfg))
