@@ -134,6 +134,10 @@ class SUVModel(nn.Module):
         num_skips = num_stages // 2 if cfg.skip_connection else 0
         self.skip_linears = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
         self.skip_linears_text = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
+        # Without zero-init a LayerNorm(2D) precedes each skip linear; with it the norm is omitted.
+        num_norms = 0 if cfg.skip_connection_zero_init else num_skips
+        self.skip_norms = nn.ModuleList(LayerNormFP32(2 * d, eps=cfg.norm_eps) for _ in range(num_norms))
+        self.skip_norms_text = nn.ModuleList(LayerNormFP32(2 * d, eps=cfg.norm_eps) for _ in range(num_norms))
 
         self.norm_final = LayerNormFP32(d, eps=cfg.norm_eps)
         self.norm_out = AdaLNModulation(e, d, 2, plan)
@@ -247,8 +251,12 @@ class SUVModel(nn.Module):
             if s > mid and cfg.skip_connection:
                 skip_x, skip_c = skips.pop()
                 j = s - mid - 1
-                x_SBD = self.skip_linears[j](torch.cat([x_SBD, skip_x], dim=-1))
-                c_LBD = self.skip_linears_text[j](torch.cat([c_LBD, skip_c], dim=-1))
+                x_SBD = torch.cat([x_SBD, skip_x], dim=-1)
+                c_LBD = torch.cat([c_LBD, skip_c], dim=-1)
+                if not cfg.skip_connection_zero_init:
+                    x_SBD, c_LBD = self.skip_norms[j](x_SBD), self.skip_norms_text[j](c_LBD)
+                x_SBD = self.skip_linears[j](x_SBD)
+                c_LBD = self.skip_linears_text[j](c_LBD)
             for block in stage:
                 x_SBD, c_LBD = self._run_block(
                     index, block, x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL
@@ -257,9 +265,9 @@ class SUVModel(nn.Module):
             if s < mid and cfg.skip_connection:
                 skips.append((x_SBD, c_LBD))
 
-        # 4. Output head: LayerNorm, AdaNorm (its own LayerNorm, then scale/shift), projection.
+        # 4. Output head: LayerNorm, AdaNorm (its own LayerNorm, then shift/scale), projection.
         x_SBD = self.norm_final(x_SBD)
-        scale, shift = self.norm_out(temb_BE)
+        shift, scale = self.norm_out(temb_BE)
         x_SBD = modulate(self.norm_out_norm(x_SBD), shift, scale)
         x_SBD = self.proj_out(x_SBD)
 

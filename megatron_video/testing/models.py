@@ -1,0 +1,55 @@
+"""Small SUV models and inputs for tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_video.config import build_config
+from megatron_video.models.suv.model import SUVModel
+from megatron_video.parallel.setup import build_parallel_plan
+
+
+def tiny_config(parallel: dict | None = None, **model_overrides):
+    """ExperimentConfig with the tiny SUV flavor, fp32, and the given parallel layout."""
+    data = {
+        "model": {"flavor": "tiny", **model_overrides},
+        "parallel": dict(parallel or {}),
+        "shape": {"text_length": 8, "height": 64, "width": 64, "num_frames": 1},
+    }
+    return build_config(data)
+
+
+def build_model(cfg, backend: str = "sdpa") -> SUVModel:
+    """SUV model over the initialised megatron groups."""
+    return SUVModel(cfg.model, build_parallel_plan(cfg), attention_backend=backend)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """Fill every parameter with N(0, std) (zero-inits too) and return the state dict."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def random_inputs(
+    cfg, batch: int, frames: int, height: int, width: int, text_len: int, seed: int = 0, masks: bool = True
+):
+    """Latents, timesteps, text, pooled text and masks for a model of `cfg.model`."""
+    m = cfg.model
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "latents_BCTHW": torch.randn(batch, m.in_channels, frames, height, width, generator=gen),
+        "timestep_B": torch.rand(batch, generator=gen) * 1000,
+        "text_BLC": torch.randn(batch, text_len, m.caption_channels, generator=gen),
+        "pooled_BP": torch.randn(batch, m.pooled_projection_dim, generator=gen),
+    }
+    if masks:
+        text_mask = torch.ones(batch, text_len)
+        text_mask[-1, text_len // 2 :] = 0
+        video_mask = torch.ones(batch, frames, height, width)
+        video_mask[0, -1, : height // 2] = 0
+        inputs["text_mask_BL"] = text_mask
+        inputs["video_mask_BTHW"] = video_mask
+    return inputs
