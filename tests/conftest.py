@@ -20,11 +20,16 @@ def _free_port() -> int:
 def megatron_single():
     """Default gloo group of size 1 with megatron's parallel state (all sizes 1)."""
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_video.platform.megatron_cpu import apply_megatron_cpu_adaptation
+
+    apply_megatron_cpu_adaptation()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
     yield
     parallel_state.destroy_model_parallel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_video.config import build_config
+from megatron_video.models.common.layers import LayerNormFP32, RMSNorm
 from megatron_video.models.suv.model import SUVModel
 from megatron_video.parallel.setup import build_parallel_plan
 
@@ -25,11 +26,21 @@ def build_model(cfg, backend: str = "sdpa") -> SUVModel:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
-    """Fill every parameter with N(0, std) (zero-inits too) and return the state dict."""
+    """Fill every parameter with N(0, std), norm scales with 1 + N(0, std); return the state dict.
+
+    Zero-initialised tensors (AdaLN, skips) get random values too, so every path carries signal.
+    Parameters are visited in sorted-name order, so a seed gives the same weights everywhere.
+    """
     gen = torch.Generator().manual_seed(seed)
+    norm_scales = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if isinstance(m, (LayerNormFP32, RMSNorm)) and getattr(m, "weight", None) is not None
+    }
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen) * std
+            p.copy_(noise + 1 if name in norm_scales else noise)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_video.config.loader import ConfigError
+from megatron_video.errors import ConfigError
 
 
 @dataclass

@@ -156,7 +156,7 @@ class SUVModel(nn.Module):
 
     def _init_weights(self) -> None:
         std = self.cfg.init_std
-        replicated = [self.caption_projection, self.proj_out, self.patch_embed.proj]
+        replicated = [self.caption_projection, self.patch_embed.proj]
         replicated += [m for emb in self.time_text_embed.children() for m in emb.children()]
         for m in replicated:
             nn.init.normal_(m.weight, std=std)
@@ -168,7 +168,10 @@ class SUVModel(nn.Module):
         for skips in (self.skip_linears, self.skip_linears_text):
             for lin in skips:
                 self.init_skip_identity(lin)
-        # AdaLN-Zero: every modulation starts at zero, so blocks start as the identity.
+        # AdaLN-Zero: every modulation and the output projection start at zero, so blocks start as
+        # the identity and a fresh model predicts zero velocity.
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
         for mod in [b.norm1 for b in self.blocks()] + [b.norm2 for b in self.blocks()] + [self.norm_out]:
             nn.init.zeros_(mod.linear.weight)
             nn.init.zeros_(mod.linear.bias)
