@@ -230,7 +230,7 @@ class SUVModel(nn.Module):
         if text_mask_BL is None:
             text_keep_BL = torch.ones(b, text_BLC.shape[1], dtype=torch.bool, device=text_BLC.device)
         else:
-            text_keep_BL = text_mask_BL.bool()
+            text_keep_BL = text_mask_BL == 1  # as released: any other value excludes the token
         rope = rope_3d_tables(
             (t, hp, wp),
             cfg.head_dim,
