@@ -7,24 +7,28 @@ raises. ``apply_megatron_cpu_adaptation()`` replaces them with CPU equivalents s
 sequence parallel layers, pipeline schedules, DDP, the distributed optimizer, the RNG tracker,
 recompute and ``dist_checkpointing`` run on CPU (see ``reference/megatron_on_cpu.md``).
 
-Rules:
-- Every replaced torch entry point acts only for calls made from a ``megatron.*`` module; any other
-  caller (our code, torch itself, other libraries) gets the original torch function.
+Scope: the adaptation acts for megatron and nobody else.
+- The replaced ``torch.cuda`` functions and ``Tensor.type``/``Tensor.cuda`` check their caller: called
+  from a ``megatron.*`` module they answer for the CPU, otherwise they run the original torch code.
+- ``device="cuda"`` factories are redirected only inside the megatron modules that use them, by
+  replacing those modules' ``torch`` name; ``torch.zeros`` & co. themselves are untouched.
 - Nothing happens at import time; ``apply`` is explicit, idempotent, refuses to run when CUDA is
   available, and ``remove`` restores every replaced attribute exactly.
 
 Not covered (megatron features our CPU runs do not use): megatron's local-spec ``WrappedTorchNorm``
 with sequence parallelism (our models bring their own norms and tag them ``sequence_parallel``),
-context parallelism through megatron's attention (needs TransformerEngine), ``torch.cuda.Stream``
-objects (only used with several distributed-optimizer instances, CUDA graphs and offloading),
-all-gather of unequal sizes (gloo rejects it) and fp16/bf16 grad scalers.
+context parallelism through megatron's attention (needs TransformerEngine), CUDA streams and
+events (several distributed-optimizer instances, CUDA graphs, offloading, timers), all-gather of
+unequal sizes (gloo rejects it), and the fp16 grad scaler (redirected, not tested).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import sys
+import types
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any
@@ -40,7 +44,8 @@ _MISSING = object()
 _registry: list[tuple[Any, str, Any]] = []
 _applied = False
 # Plays the role of the CUDA default generator: megatron's RNG tracker saves, seeds and restores it.
-_device_rng: torch.Generator | None = None
+# It keeps its state across remove/apply.
+_device_rng = torch.Generator(device="cpu")
 
 
 # -- 1. Version check -----------------------------------------------------------------------------
@@ -99,15 +104,30 @@ def _patch_for_megatron(owner: Any, name: str, replacement: Callable) -> None:
 
 
 # -- 3. Devices: current_device, device="cuda" factories, Tensor.cuda -----------------------------
-# `device=torch.cuda.current_device()`: GlobalMemoryBuffer (utils.py:631), SP gather/scatter and
-# reduce-scatter buffers (tensor_parallel/mappings.py:91/141/148/181/442, layers.py:552), DDP grad and
-# param buffers (distributed/param_and_grad_buffer.py:783-806), p2p shape and receive buffers
-# (pipeline_parallel/p2p_communication.py:190-202/313/321), distributed optimizer buffers.
-# `device="cuda"`: schedules.py:596/983/2138 (token counts), optimizer.py:473-485/907, clip_grads.py,
-# dist_checkpointing state_dict_saver.py:204 and exchange_utils.py, tensor_parallel/data.py:37.
-# `.cuda()`: tensor_parallel/data.py:84 (broadcast_data), distrib_optimizer.py:1089.
+# `device=torch.cuda.current_device()` (about 175 sites): GlobalMemoryBuffer (utils.py:631), SP
+# gather/scatter and reduce-scatter buffers (tensor_parallel/mappings.py:91/141/148/181/442,
+# layers.py:552), DDP grad and param buffers (distributed/param_and_grad_buffer.py:783-806), p2p shape
+# and receive buffers (pipeline_parallel/p2p_communication.py:190-202/313/321), distributed optimizer
+# buffers. torch.cuda.current_device answers the CPU device to megatron callers.
+# `device="cuda"` in factory calls: the modules below see, under the name `torch`, a stand-in whose
+# factories build on the CPU when asked for "cuda". torch itself is left alone, so code outside these
+# modules (and TorchScript, which resolves torch.zeros & co. by identity) is unaffected.
+# `.cuda()`: tensor_parallel/data.py:84 (broadcast_data), utils.py:898, distrib_optimizer.py:1089,
+# dist_checkpointing/exchange_utils.py:336/499; Tensor.cuda returns the CPU tensor to megatron callers.
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like", "ones_like")
+
+_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.core.utils",  # :1207 local_multi_tensor_l2_norm (clip_grads without apex/TE)
+    "megatron.core.tensor_parallel.data",  # :37 broadcast_data sizes
+    "megatron.core.pipeline_parallel.schedules",  # :596/983/2138 total_num_tokens
+    "megatron.core.optimizer.optimizer",  # :473-485/907 found_inf, scale tensors
+    "megatron.core.optimizer.clip_grads",  # :90/103/115/174/207 norms and counts
+    "megatron.core.optimizer.grad_scaler",  # :15/88-94 fp16 loss scale
+    "megatron.core.dist_checkpointing.mapping",  # ShardedTensor.init_data("cuda") from exchange_utils
+    "megatron.core.dist_checkpointing.exchange_utils",  # :104/110/326 fully parallel save/load
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # :204 save plan reuse check
+)
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -116,57 +136,49 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
-def _factory_on_cpu_for_megatron(factory: Callable) -> Callable:
-    """Wrap a torch factory so that device="cuda" from megatron code means the CPU."""
+def _factory_on_cpu(factory: Callable) -> Callable:
+    """Wrap a torch factory so that device="cuda" means the CPU."""
 
     @functools.wraps(factory)
     def create(*args, **kwargs):
-        if _is_cuda_device(kwargs.get("device")) and _called_from_megatron():
+        if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         return factory(*args, **kwargs)
 
     return create
 
 
+class _TorchWithCpuFactories(types.ModuleType):
+    """`torch` as seen by a megatron module that creates tensors with device="cuda"."""
+
+    def __init__(self) -> None:
+        super().__init__("torch", torch.__doc__)
+        for name in _FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
 def _patch_devices() -> None:
     _patch_for_megatron(torch.cuda, "current_device", lambda: _CPU)
-    for name in _FACTORIES:
-        _patch(torch, name, _factory_on_cpu_for_megatron(getattr(torch, name)))
+    torch_for_megatron = _TorchWithCpuFactories()
+    for module_name in _MODULES_WITH_CUDA_FACTORIES:
+        _patch(importlib.import_module(module_name), "torch", torch_for_megatron)
     _patch_for_megatron(torch.Tensor, "cuda", lambda self, *args, **kwargs: self.to(_CPU))
 
 
 # -- 4. Synchronisation and memory ----------------------------------------------------------------
 # CPU ops are synchronous: torch.cuda.synchronize (p2p_communication.py:242/398 after batched
 # isend/irecv, filesystem_async.py:230 preload_tensors in dist_checkpointing.save, parallel_state.py)
-# and torch.cuda.empty_cache (DDP buffer free, optimizer offload) become no-ops; the streams megatron
-# waits on (param_and_grad_buffer.py:422/529) become a stream whose waits do nothing.
-
-
-class _NullStream:
-    """Stands for a CUDA stream on CPU, where every op is already ordered."""
-
-    def wait_stream(self, stream: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-_NULL_STREAM = _NullStream()
+# and torch.cuda.empty_cache (DDP buffer free, optimizer offload) become no-ops. CUDA streams are left
+# alone: megatron only creates and waits on them on paths the CPU runs do not take (several
+# distributed-optimizer instances, CPU and activation offloading, CUDA graphs).
 
 
 def _patch_synchronisation() -> None:
     _patch_for_megatron(torch.cuda, "synchronize", lambda device=None: None)
     _patch_for_megatron(torch.cuda, "empty_cache", lambda: None)
-    _patch_for_megatron(torch.cuda, "current_stream", lambda device=None: _NULL_STREAM)
-    _patch_for_megatron(torch.cuda, "default_stream", lambda device=None: _NULL_STREAM)
-    _patch_for_megatron(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
 
 
 # -- 5. RNG ---------------------------------------------------------------------------------------
@@ -215,10 +227,8 @@ def _fork_on_default_generator(original_fork: Callable) -> Callable:
 
 
 def _patch_rng() -> None:
-    global _device_rng
     from megatron.core.tensor_parallel import random as mcore_random
 
-    _device_rng = torch.Generator(device="cpu")
     _patch(mcore_random, "_get_cuda_rng_state", _get_device_rng_state)
     _patch(mcore_random, "_set_cuda_rng_state", _set_device_rng_state)
     tracker_cls = mcore_random.CudaRNGStatesTracker
@@ -297,11 +307,9 @@ def is_applied() -> bool:
 
 
 def _restore_all() -> None:
-    global _device_rng
     while _registry:
         owner, name, original = _registry.pop()
         if original is _MISSING:
             delattr(owner, name)
         else:
             setattr(owner, name, original)
-    _device_rng = None

@@ -108,7 +108,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 120
     if missing:
         exitcodes = {rank: processes[rank].exitcode for rank in missing}
         raise TimeoutError(
-            f"ranks {missing} did not report within {timeout_s} s and were stopped (exit codes {exitcodes})"
+            f"ranks {missing} reported no result within {timeout_s} s (exit codes {exitcodes}; -9: killed here)"
         )
     return [values[rank] for rank in range(world_size)]
 

@@ -1,7 +1,8 @@
 """megatron-core on CPU + gloo with the CPU adaptation: 2-process parity with single-process fp32.
 
-Each test is one launch of 2 processes (about 6 s each); the workers compute results and their
-single-process references from the same weights and data, and the parent asserts.
+Each test is one launch of 2 processes, each importing megatron (several seconds per launch), so a
+launch runs several checks. The workers compute results and single-process references from the same
+weights and data; the parent asserts.
 """
 
 import copy

@@ -12,7 +12,7 @@ TP_STREAM_OFFSET = 2718
 
 @pytest.fixture
 def adapted():
-    """The adaptation applied for one test and removed afterwards."""
+    """The adaptation applied for one test, then left as it was before."""
     was_applied = megatron_cpu.is_applied()
     megatron_cpu.apply_megatron_cpu_adaptation()
     yield
@@ -20,20 +20,30 @@ def adapted():
         megatron_cpu.remove_megatron_cpu_adaptation()
 
 
+@pytest.fixture
+def not_adapted():
+    """The adaptation removed for one test (a session fixture may have applied it), then restored."""
+    was_applied = megatron_cpu.is_applied()
+    megatron_cpu.remove_megatron_cpu_adaptation()
+    yield
+    megatron_cpu.remove_megatron_cpu_adaptation()
+    if was_applied:
+        megatron_cpu.apply_megatron_cpu_adaptation()
+
+
 def _patched_attributes():
+    import importlib
+
     from megatron.core.tensor_parallel import random as mcore_random
 
     return [
         (torch.cuda, "current_device"),
         (torch.cuda, "synchronize"),
         (torch.cuda, "empty_cache"),
-        (torch.cuda, "current_stream"),
-        (torch.cuda, "default_stream"),
-        (torch.cuda, "stream"),
         (torch.cuda, "get_rng_state"),
         (torch.cuda, "set_rng_state"),
         (torch.cuda, "manual_seed"),
-        *((torch, name) for name in megatron_cpu._FACTORIES),
+        *((importlib.import_module(name), "torch") for name in megatron_cpu._MODULES_WITH_CUDA_FACTORIES),
         (torch.Tensor, "cuda"),
         (torch.Tensor, "type"),
         (mcore_random, "_get_cuda_rng_state"),
@@ -56,31 +66,25 @@ def test_version_check_names_installed_and_supported_versions(monkeypatch):
         megatron_cpu.check_megatron_core_version()
 
 
-def test_apply_checks_version_first(monkeypatch):
-    monkeypatch.setattr(megatron_cpu, "_installed_megatron_core_version", lambda: "0.15.2")
-    if megatron_cpu.is_applied():
-        pytest.skip("adaptation already applied in this process")
-    with pytest.raises(RuntimeError, match="0.15.2"):
-        megatron_cpu.apply_megatron_cpu_adaptation()
+def test_apply_checks_version_first(not_adapted):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(megatron_cpu, "_installed_megatron_core_version", lambda: "0.15.2")
+        with pytest.raises(RuntimeError, match="0.15.2"):
+            megatron_cpu.apply_megatron_cpu_adaptation()
     assert not megatron_cpu.is_applied()
 
 
-def test_apply_refuses_when_cuda_is_available(monkeypatch):
-    if megatron_cpu.is_applied():
-        pytest.skip("adaptation already applied in this process")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA is available"):
-        megatron_cpu.apply_megatron_cpu_adaptation()
-    assert not megatron_cpu.is_applied()
-    megatron_cpu.apply_megatron_cpu_adaptation(force=True)
+def test_apply_refuses_when_cuda_is_available(not_adapted):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        with pytest.raises(RuntimeError, match="CUDA is available"):
+            megatron_cpu.apply_megatron_cpu_adaptation()
+        assert not megatron_cpu.is_applied()
+        megatron_cpu.apply_megatron_cpu_adaptation(force=True)
     assert megatron_cpu.is_applied()
-    megatron_cpu.remove_megatron_cpu_adaptation()
 
 
-def test_apply_is_idempotent_and_remove_restores_exactly():
-    if megatron_cpu.is_applied():
-        pytest.skip("adaptation already applied in this process")
-    import megatron.core.tensor_parallel.random  # noqa: F401  (so that its attributes can be listed)
+def test_apply_is_idempotent_and_remove_restores_exactly(not_adapted):
 
     attributes = _patched_attributes()
     before = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in attributes]
@@ -106,16 +110,27 @@ def test_apply_is_idempotent_and_remove_restores_exactly():
 def test_patches_act_only_for_megatron_callers(adapted):
     from megatron.core import utils as mcore_utils
 
-    # Called from here (not megatron), torch behaves as without the adaptation.
-    # (a CPU build of torch raises AssertionError "Torch not compiled with CUDA enabled")
+    # Called from here (not megatron), torch behaves as without the adaptation
+    # (a CPU build of torch raises AssertionError "Torch not compiled with CUDA enabled").
     with pytest.raises((RuntimeError, AssertionError)):
         torch.cuda.current_device()
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(2, device="cuda")
     assert torch.ones(2).type() == "torch.FloatTensor"
-    # megatron's own global buffer (utils.py, device=torch.cuda.current_device()) lands on the CPU.
+    # megatron's global buffer (utils.py, device=torch.cuda.current_device()) lands on the CPU ...
     buffer = mcore_utils.GlobalMemoryBuffer().get_tensor((3, 4), torch.float32, "test")
     assert buffer.device.type == "cpu" and buffer.shape == (3, 4)
+    # ... and so does its l2 norm fallback (utils.py, torch.tensor(..., device="cuda")).
+    norm, _ = mcore_utils.local_multi_tensor_l2_norm(0, None, [[torch.full((4,), 3.0), torch.ones(9)]], False)
+    assert norm.device.type == "cpu" and norm.item() == pytest.approx(45.0**0.5)
+
+
+def test_torchscript_still_compiles_torch_factories(adapted):
+    @torch.jit.script
+    def scripted(x: torch.Tensor) -> torch.Tensor:
+        return x + torch.zeros(3) + torch.ones_like(x)
+
+    assert torch.equal(scripted(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def test_tracker_fork_uses_its_own_generator(adapted):
