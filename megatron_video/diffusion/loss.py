@@ -1,0 +1,20 @@
+"""Loss reductions shared by the objectives."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(
+    err_BCTHW: torch.Tensor, mask_BTHW: torch.Tensor | None, weight_B: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of `err` over valid latent positions (mask 1) of the whole batch, each sample weighted.
+
+    With no mask (or an all-ones mask) this is the plain mean of the weighted error.
+    """
+    if weight_B is not None:
+        err_BCTHW = err_BCTHW * weight_B.to(err_BCTHW.dtype).view(-1, *([1] * (err_BCTHW.dim() - 1)))
+    if mask_BTHW is None:
+        return err_BCTHW.mean()
+    m = mask_BTHW.to(err_BCTHW.dtype).unsqueeze(1).expand_as(err_BCTHW)
+    return (err_BCTHW * m).sum() / m.sum().clamp(min=1)
