@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from megatron_video.models.common.attention import JointSkiparseAttention
@@ -102,11 +103,15 @@ class SUVBlock(nn.Module):
         return x_SBD + g * out[:n], c_LBD + g_c * out[n:]
 
 
-class SUVModel(nn.Module):
-    """Sparse U-shaped MMDiT denoiser predicting the flow velocity."""
+class SUVModel(MegatronModule):
+    """Sparse U-shaped MMDiT denoiser predicting the flow velocity.
+
+    A MegatronModule so that DDP, the distributed optimizer and `sharded_state_dict`
+    (dist_checkpointing with TP resharding) work on it unchanged.
+    """
 
     def __init__(self, cfg: SUVConfig, plan: ParallelPlan, attention_backend: str = "sdpa"):
-        super().__init__()
+        super().__init__(config=plan.linear_config)
         cfg.validate()
         self.cfg, self.plan, self.attention_backend = cfg, plan, attention_backend
         d, e = cfg.hidden_size, cfg.timestep_embed_dim

@@ -1,0 +1,1 @@
+"""The training layer: loop, optimisation, checkpoints, logging. Library code never imports it."""
