@@ -20,9 +20,14 @@ def tiny_config(parallel: dict | None = None, **model_overrides):
     return build_config(data)
 
 
-def build_model(cfg, backend: str = "sdpa") -> SUVModel:
-    """SUV model over the initialised megatron groups."""
-    return SUVModel(cfg.model, build_parallel_plan(cfg), attention_backend=backend)
+def build_model(cfg, backend: str = "sdpa", inpaint_mask_channels: int | None = None) -> SUVModel:
+    """SUV model over the initialised megatron groups (an I2V model with `inpaint_mask_channels`)."""
+    return SUVModel(
+        cfg.model,
+        build_parallel_plan(cfg),
+        attention_backend=backend,
+        inpaint_mask_channels=inpaint_mask_channels,
+    )
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict[str, torch.Tensor]:
@@ -45,9 +50,17 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> dict[
 
 
 def random_inputs(
-    cfg, batch: int, frames: int, height: int, width: int, text_len: int, seed: int = 0, masks: bool = True
+    cfg,
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    text_len: int,
+    seed: int = 0,
+    masks: bool = True,
+    inpaint_mask_channels: int | None = None,
 ):
-    """Latents, timesteps, text, pooled text and masks for a model of `cfg.model`."""
+    """Latents, timesteps, text, pooled text and masks (and I2V conditions) for `cfg.model`."""
     m = cfg.model
     gen = torch.Generator().manual_seed(seed)
     inputs = {
@@ -63,4 +76,11 @@ def random_inputs(
         video_mask[0, -1, : height // 2] = 0
         inputs["text_mask_BL"] = text_mask
         inputs["video_mask_BTHW"] = video_mask
+    if inpaint_mask_channels is not None:
+        inputs["masked_latents_BCTHW"] = torch.randn(
+            batch, m.in_channels, frames, height, width, generator=gen
+        )
+        inputs["inpaint_mask_BMTHW"] = (
+            torch.rand(batch, inpaint_mask_channels, frames, height, width, generator=gen) > 0.5
+        ).float()
     return inputs

@@ -30,14 +30,23 @@ def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-def _reference(model_overrides: dict, shapes):
+def _reference(model_overrides: dict, shapes, inpaint=None):
     """Full weights, batches and single-process loss / output / gradients."""
     cfg = tiny_config(**model_overrides)
-    model = build_model(cfg)
+    model = build_model(cfg, inpaint_mask_channels=inpaint)
     state = randomize(model, seed=3)
     cases = []
     for i, (t, h, w) in enumerate(shapes):
-        inputs = random_inputs(cfg, batch=2, frames=t, height=h, width=w, text_len=TEXT_LEN, seed=10 + i)
+        inputs = random_inputs(
+            cfg,
+            batch=2,
+            frames=t,
+            height=h,
+            width=w,
+            text_len=TEXT_LEN,
+            seed=10 + i,
+            inpaint_mask_channels=inpaint,
+        )
         target = torch.randn(
             2, cfg.model.out_channels, t, h, w, generator=torch.Generator().manual_seed(20 + i)
         )
@@ -50,7 +59,7 @@ def _reference(model_overrides: dict, shapes):
     return state, cases
 
 
-def _parallel_worker(rank, world_size, layouts, model_overrides, state, cases):
+def _parallel_worker(rank, world_size, layouts, model_overrides, state, cases, inpaint=None):
     """Run every layout on every case; return the worst errors seen."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -70,7 +79,7 @@ def _parallel_worker(rank, world_size, layouts, model_overrides, state, cases):
         cfg = tiny_config(
             parallel=dict(tensor_parallel=tp, context_parallel=cp, sequence_parallel=sp), **model_overrides
         )
-        model = build_model(cfg)
+        model = build_model(cfg, inpaint_mask_channels=inpaint)
         dims = partition_dims(model)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -113,8 +122,8 @@ def _parallel_worker(rank, world_size, layouts, model_overrides, state, cases):
     return report
 
 
-def _run(world_size, layouts, model_overrides, shapes):
-    state, cases = _reference(model_overrides, shapes)
+def _run(world_size, layouts, model_overrides, shapes, inpaint=None):
+    state, cases = _reference(model_overrides, shapes, inpaint)
     # Every parameter must get a non-trivial gradient, or the comparison proves little. The one
     # exception: text queries of the context-pre-only last block feed nothing downstream.
     for name, g in cases[0]["grads"].items():
@@ -122,7 +131,7 @@ def _run(world_size, layouts, model_overrides, shapes):
             continue
         assert g.abs().max() > 0, f"{name} has an all-zero reference gradient"
     return run_distributed(
-        _parallel_worker, world_size, layouts, model_overrides, state, cases, timeout_s=400
+        _parallel_worker, world_size, layouts, model_overrides, state, cases, inpaint, timeout_s=400
     )
 
 
@@ -130,10 +139,11 @@ TWO = [dict(tp=2, cp=1, sp=False), dict(tp=2, cp=1, sp=True), dict(tp=1, cp=2, s
 FOUR = [dict(tp=2, cp=2, sp=False), dict(tp=2, cp=2, sp=True), dict(tp=1, cp=4, sp=False)]
 
 
-@pytest.mark.parametrize("variant", ["sparse", "dense"])
+@pytest.mark.parametrize("variant", ["sparse", "dense", "i2v"])
 def test_two_process_layouts(megatron_single, variant):
-    overrides = dict(MODEL, sparse_n=[1, 2, 4, 2, 1] if variant == "sparse" else [1, 1, 1, 1, 1])
-    report = _run(2, TWO, overrides, SHAPES_2)
+    overrides = dict(MODEL, sparse_n=[1, 1, 1, 1, 1] if variant == "dense" else [1, 2, 4, 2, 1])
+    # The I2V variant adds the inpainting conditioning (masked latents + an 8-channel mask).
+    report = _run(2, TWO, overrides, SHAPES_2, inpaint=8 if variant == "i2v" else None)
     assert len(report[0]) == len(TWO) * len(SHAPES_2)
 
 

@@ -157,3 +157,20 @@ def test_flavors_have_released_geometry():
     assert (big.in_channels, big.caption_channels, big.pooled_projection_dim) == (32, 2048, 1280)
     assert SUVConfig.from_flavor("2B").hidden_size == 24 * 64
     assert SUVConfig.from_flavor("tiny").dense().sparse_n == [1, 1, 1, 1, 1]
+
+
+def test_i2v_model_starts_equal_to_t2v(megatron_single):
+    cfg = tiny_config()
+    t2v = build_model(cfg)
+    state = randomize(t2v, seed=11)
+    i2v = build_model(cfg, inpaint_mask_channels=8)
+    missing, unexpected = i2v.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("inpaint.") or k.endswith("_extra_state") for k in missing)
+    inputs = random_inputs(cfg, 2, 2, 4, 6, 8, seed=12, inpaint_mask_channels=8)
+    plain = {k: v for k, v in inputs.items() if k not in ("masked_latents_BCTHW", "inpaint_mask_BMTHW")}
+    torch.testing.assert_close(_forward(i2v, inputs), _forward(t2v, plain), rtol=0, atol=0)
+    with torch.no_grad():
+        i2v.inpaint.mask_proj.weight.normal_()
+    assert (_forward(i2v, inputs) - _forward(t2v, plain)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs masked_latents_BCTHW"):
+        _forward(i2v, plain)

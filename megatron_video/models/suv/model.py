@@ -28,6 +28,7 @@ from megatron_video.models.common.layers import (
     modulate,
 )
 from megatron_video.models.common.rope import rope_3d_tables
+from megatron_video.models.conditioning.inpaint import InpaintConditioning
 from megatron_video.models.suv.config import SUVConfig
 from megatron_video.parallel.plan import (
     ParallelPlan,
@@ -110,12 +111,22 @@ class SUVModel(MegatronModule):
     (dist_checkpointing with TP resharding) work on it unchanged.
     """
 
-    def __init__(self, cfg: SUVConfig, plan: ParallelPlan, attention_backend: str = "sdpa"):
+    def __init__(
+        self,
+        cfg: SUVConfig,
+        plan: ParallelPlan,
+        attention_backend: str = "sdpa",
+        inpaint_mask_channels: int | None = None,
+    ):
         super().__init__(config=plan.linear_config)
         cfg.validate()
         self.cfg, self.plan, self.attention_backend = cfg, plan, attention_backend
         d, e = cfg.hidden_size, cfg.timestep_embed_dim
         self.patch_embed = PatchEmbed2D(cfg.in_channels, d, cfg.patch_size)
+        # I2V: masked-video latents and the compressed mask (mask channels = VAE temporal stride).
+        self.inpaint = None
+        if inpaint_mask_channels is not None:
+            self.inpaint = InpaintConditioning(cfg.in_channels, inpaint_mask_channels, d, cfg.patch_size)
         self.time_text_embed = TimestepTextEmbedding(e, cfg.pooled_projection_dim)
         self.caption_projection = nn.Linear(cfg.caption_channels, d)
 
@@ -221,8 +232,14 @@ class SUVModel(MegatronModule):
         pooled_BP: torch.Tensor,
         text_mask_BL: torch.Tensor | None = None,
         video_mask_BTHW: torch.Tensor | None = None,
+        masked_latents_BCTHW: torch.Tensor | None = None,
+        inpaint_mask_BMTHW: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity [B, C_out, T, H, W] for noisy latents at timesteps sigma * 1000."""
+        """Velocity [B, C_out, T, H, W] for noisy latents at timesteps sigma * 1000.
+
+        I2V models (built with `inpaint_mask_channels`) also take the masked-video latents and the
+        compressed mask (1 = frame to generate, 0 = kept condition).
+        """
         cfg, plan = self.cfg, self.plan
         b, _, t, h, w = latents_BCTHW.shape
         p = cfg.patch_size
@@ -245,6 +262,13 @@ class SUVModel(MegatronModule):
 
         # 2. Embeddings on this rank's frames / text slice, then the sequence-parallel split.
         x_SBD = self.patch_embed(split_frames_for_context_parallel(latents_BCTHW, plan))
+        if self.inpaint is not None:
+            if masked_latents_BCTHW is None or inpaint_mask_BMTHW is None:
+                raise ValueError("this I2V model needs masked_latents_BCTHW and inpaint_mask_BMTHW")
+            x_SBD = x_SBD + self.inpaint(
+                split_frames_for_context_parallel(masked_latents_BCTHW, plan),
+                split_frames_for_context_parallel(inpaint_mask_BMTHW, plan),
+            )
         x_SBD = scatter_to_sequence_parallel(x_SBD, plan)
         temb_BE = self.time_text_embed(timestep_B, pooled_BP)
         c_LBD = self.caption_projection(split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan))
