@@ -17,6 +17,7 @@ from megatron_video.config.loader import (
     from_dict,
     read_yaml_with_bases,
 )
+from megatron_video.config.training import TrainingConfig
 from megatron_video.models.suv.config import FLAVORS, SUVConfig
 
 
@@ -113,9 +114,13 @@ class ExperimentConfig:
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     """Largest sample shape, used to check the parallel layout before launch."""
 
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Objective, optimiser, clipping, EMA, checkpoints and logging of one training stage."""
+
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix; needs no process group."""
         self.model.validate()
+        self.training.validate()
         p, m, s = self.parallel, self.model, self.shape
         for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
             if getattr(p, name) < 1:
@@ -153,6 +158,8 @@ class ExperimentConfig:
                 f"world size {p.world_size} is not divisible by tensor x context x pipeline parallel = "
                 f"{p.model_parallel_size}"
             )
+        if p.world_size is not None:
+            self.training.accumulation_steps(p.world_size // p.model_parallel_size)
         if (s.num_frames - 1) % s.vae_stride_t != 0:
             valid = [1 + s.vae_stride_t * i for i in range(1, 5)]
             raise ConfigError(

@@ -17,6 +17,14 @@ from megatron_video.config import (
     field_docs,
     load_config,
 )
+from megatron_video.config.training import (
+    CheckpointConfig,
+    ClipConfig,
+    LoggingConfig,
+    ObjectiveConfig,
+    OptimizerConfig,
+    TrainingConfig,
+)
 from megatron_video.models.suv.config import SUVConfig
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -86,6 +94,14 @@ def _build(extra: dict, overrides=()):
         ({"parallel": {"pipeline_parallel": 2, "virtual_pipeline": 3}}, "cannot be split evenly"),
         ({"parallel": {"tensor_parallel": 2, "world_size": 6, "context_parallel": 2}}, "world size 6"),
         ({"shape": {"text_length": 15}, "parallel": {"context_parallel": 2}}, "text_length=15"),
+        ({"training": {"global_batch_size": 2, "micro_batch_size": 4}}, "global_batch_size=2 must be >="),
+        (
+            {"training": {"global_batch_size": 6}, "parallel": {"world_size": 4}},
+            "not a multiple of micro_batch",
+        ),
+        ({"training": {"clip": {"mode": "sometimes"}}}, "must be one of"),
+        ({"training": {"optimizer": {"lr": 1e-4, "min_lr": 1e-3}}}, "min_lr <= lr"),
+        ({"training": {"ema_decay": 1.5}}, "ema_decay must be in"),
     ],
 )
 def test_validation_errors(extra, message):
@@ -105,7 +121,22 @@ def test_cp_frames_valid_example_from_reference():
         _build({"shape": {"num_frames": frames}, "parallel": {"context_parallel": 4}})
 
 
-@pytest.mark.parametrize("cls", [ExperimentConfig, ParallelConfig, RuntimeConfig, ShapeConfig, SUVConfig])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        ExperimentConfig,
+        ParallelConfig,
+        RuntimeConfig,
+        ShapeConfig,
+        SUVConfig,
+        TrainingConfig,
+        ObjectiveConfig,
+        OptimizerConfig,
+        ClipConfig,
+        CheckpointConfig,
+        LoggingConfig,
+    ],
+)
 def test_every_field_is_documented(cls):
     import dataclasses
 

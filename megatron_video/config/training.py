@@ -1,0 +1,195 @@
+"""Training settings: objective, optimiser, schedule, clipping, EMA, checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_video.errors import ConfigError
+
+
+@dataclass
+class ObjectiveConfig:
+    """The diffusion objective the denoiser is trained with."""
+
+    kind: Literal["flow", "v_prediction", "epsilon"] = "flow"
+    """flow: v1.5 rectified flow; v_prediction: v1.3 DDPM with zero-terminal SNR; epsilon: v1.2 DDPM."""
+
+    weighting: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    """Flow: distribution of training sigmas before the shift."""
+
+    shift: float | None = None
+    """Flow: fixed sigma shift; None uses the resolution-dependent (Flux) shift of each batch."""
+
+    snr_gamma: float | None = 5.0
+    """DDPM: Min-SNR weighting gamma (None disables)."""
+
+    zero_terminal_snr: bool = True
+    """DDPM: rescale betas so the last step has zero SNR (v1.3)."""
+
+    noise_offset: float = 0.0
+    """DDPM: offset-noise scale (v1.2 used 0.02)."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through Megatron's optimizer (distributed or not) and the learning-rate schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+
+    min_lr: float = 0.0
+    """Floor of the cosine / linear decay."""
+
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (not applied to biases and 1-D parameters)."""
+
+    beta1: float = 0.9
+    """Adam beta1."""
+
+    beta2: float = 0.999
+    """Adam beta2."""
+
+    eps: float = 1e-15
+    """Adam epsilon (Open-Sora-Plan uses 1e-15)."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warm-up."""
+
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to `lr`."""
+
+    decay_steps: int | None = None
+    """Steps over which the LR decays; None means the stage's `steps`."""
+
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+
+@dataclass
+class ClipConfig:
+    """Gradient clipping."""
+
+    mode: Literal["adaptive", "fixed", "batch_drop", "none"] = "adaptive"
+    """adaptive: v1.5 EMA mean + 3 sigma threshold, extreme steps skipped; fixed: clip to `max_norm`;
+    batch_drop: v1.3 per-rank dropping of abnormal micro-batch gradients; none."""
+
+    max_norm: float = 1.0
+    """Threshold of the fixed mode."""
+
+    ema_decay: float = 0.99
+    """Decay of the gradient-norm statistics (adaptive and batch_drop)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often training state is written."""
+
+    save_dir: str | None = None
+    """Directory of this run's checkpoints (iter_XXXXXXX folders and a `latest` pointer)."""
+
+    save_interval: int = 1000
+    """Save every N steps (and at the end, and on SIGTERM)."""
+
+    keep_last: int | None = 3
+    """Keep the newest N checkpoints; None keeps all."""
+
+    load_dir: str | None = None
+    """Resume from this directory's latest checkpoint; None resumes from `save_dir` if it has one."""
+
+    init_from: str | None = None
+    """Start a new stage from these weights (a checkpoint directory or a safetensors file)."""
+
+    init_from_ema: bool = True
+    """When initialising from a checkpoint, take its EMA weights if it has them."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported and where."""
+
+    log_interval: int = 1
+    """Print a line every N steps."""
+
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory; None disables."""
+
+    loss_curve_png: str | None = None
+    """Write a loss-curve PNG here at the end of the run; None disables."""
+
+    device_peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for the MFU estimate; None omits MFU."""
+
+
+@dataclass
+class TrainingConfig:
+    """One training stage."""
+
+    steps: int = 1000
+    """Optimizer steps of this stage."""
+
+    micro_batch_size: int = 1
+    """Samples per forward pass per data-parallel rank."""
+
+    global_batch_size: int = 1
+    """Samples per optimizer step over all data-parallel ranks (micro batch x DP x accumulation)."""
+
+    seed: int = 1234
+    """Seed of noise, sigma and data order."""
+
+    ema_decay: float | None = 0.9999
+    """EMA decay of the weights; None disables EMA."""
+
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Diffusion objective."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimiser and learning-rate schedule."""
+
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    """Gradient clipping."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    def accumulation_steps(self, data_parallel_size: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step != 0:
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x "
+                f"data-parallel size = {self.micro_batch_size} x {data_parallel_size}"
+            )
+        return self.global_batch_size // per_step
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings that cannot run."""
+        if self.steps < 1:
+            raise ConfigError(f"training.steps must be >= 1, got {self.steps}")
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch_size} must be >= micro_batch_size="
+                f"{self.micro_batch_size} >= 1"
+            )
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.clip.mode == "fixed" and self.clip.max_norm <= 0:
+            raise ConfigError("training.clip.max_norm must be > 0 in fixed mode")
+        if not 0.0 < self.clip.ema_decay < 1.0:
+            raise ConfigError(f"training.clip.ema_decay must be in (0, 1), got {self.clip.ema_decay}")
+        if self.optimizer.lr <= 0 or self.optimizer.min_lr < 0 or self.optimizer.min_lr > self.optimizer.lr:
+            raise ConfigError(
+                f"training.optimizer needs 0 <= min_lr <= lr and lr > 0 (lr={self.optimizer.lr}, "
+                f"min_lr={self.optimizer.min_lr})"
+            )
+        if self.optimizer.warmup_steps < 0 or self.optimizer.warmup_steps > self.steps:
+            raise ConfigError(
+                f"training.optimizer.warmup_steps={self.optimizer.warmup_steps} must be in [0, steps={self.steps}]"
+            )
+        if self.checkpoint.save_interval < 1:
+            raise ConfigError("training.checkpoint.save_interval must be >= 1")
+        if self.logging.log_interval < 1:
+            raise ConfigError("training.logging.log_interval must be >= 1")
