@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from megatron_video.diffusion.loss import masked_mean
+from megatron_video.diffusion.loss import Generators, draw, masked_mean
 
 
 def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
@@ -55,12 +55,12 @@ class DDPMObjective:
             betas = rescale_zero_terminal_snr(betas)
         self.alphas_bar = torch.cumprod(1 - betas, 0)
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(self, batch: int, generator: Generators) -> torch.Tensor:
         """Stratified integer timesteps [B] for this data-parallel rank."""
         t = self.num_steps
         lo = t * self.dp_rank / self.dp_size - 0.5
         hi = t * (self.dp_rank + 1) / self.dp_size - 0.5
-        u = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
+        u = lo + (hi - lo) * draw(generator, batch, (), "rand", torch.float64)
         return u.round().clamp(0, t - 1).long()
 
     def snr(self, t_B: torch.Tensor) -> torch.Tensor:
@@ -68,15 +68,13 @@ class DDPMObjective:
         a = self.alphas_bar[t_B]
         return a / (1 - a)
 
-    def training_loss(self, model, x0_BCTHW, cond: dict, generator: torch.Generator, loss_mask_BTHW=None):
+    def training_loss(self, model, x0_BCTHW, cond: dict, generator: Generators, loss_mask_BTHW=None):
         """Weighted masked MSE of the epsilon or v prediction."""
         b = x0_BCTHW.shape[0]
         t = self.sample_timesteps(b, generator)
-        noise = torch.randn(x0_BCTHW.shape, generator=generator, dtype=torch.float32)
+        noise = draw(generator, b, tuple(x0_BCTHW.shape[1:]))
         if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn(
-                (*x0_BCTHW.shape[:2], 1, 1, 1), generator=generator, dtype=torch.float32
-            )
+            noise = noise + self.noise_offset * draw(generator, b, (x0_BCTHW.shape[1], 1, 1, 1))
         noise = noise.to(x0_BCTHW.device)
         a = self.alphas_bar[t].float().to(x0_BCTHW.device).view(-1, 1, 1, 1, 1)
         x_t = a.sqrt() * x0_BCTHW.float() + (1 - a).sqrt() * noise

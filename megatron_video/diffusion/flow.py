@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from megatron_video.diffusion.loss import masked_mean
+from megatron_video.diffusion.loss import Generators, draw, masked_mean
 
 _SHIFT_A = (1.15 - 0.5) / (4096 - 256)
 _SHIFT_B = 0.5 - 256 * _SHIFT_A
@@ -46,17 +46,15 @@ class FlowMatching:
     sigma_eps: float = 0.0
     """Lower bound on sigma (0 disables)."""
 
-    def sample_sigmas(
-        self, batch: int, latent_hw: tuple[int, int], generator: torch.Generator
-    ) -> torch.Tensor:
+    def sample_sigmas(self, batch: int, latent_hw: tuple[int, int], generator: Generators) -> torch.Tensor:
         """Training sigmas [B] in (0, 1), shifted."""
         if self.weighting == "logit_normal":
-            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(batch, generator=generator))
+            u = torch.sigmoid(self.logit_mean + self.logit_std * draw(generator, batch, ()))
         elif self.weighting == "mode":
-            u = torch.rand(batch, generator=generator)
+            u = draw(generator, batch, (), "rand")
             u = 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         else:
-            u = torch.rand(batch, generator=generator)
+            u = draw(generator, batch, (), "rand")
         shift = self.shift if self.shift is not None else resolution_shift(*latent_hw, self.patch_size)
         sigma = shift_sigmas(u, shift)
         if self.sigma_eps > 0:
@@ -81,16 +79,17 @@ class FlowMatching:
         model,
         x0_BCTHW: torch.Tensor,
         cond: dict,
-        generator: torch.Generator,
+        generator: Generators,
         loss_mask_BTHW: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masked MSE between model(x_sigma, sigma*1000, **cond) and noise - x0.
 
-        Sigma and noise come from `generator`, so ranks seeded alike draw identical samples.
+        Sigma and noise come from `generator` (or one generator per sample), so ranks seeded
+        alike draw identical samples.
         """
         b = x0_BCTHW.shape[0]
         sigma = self.sample_sigmas(b, tuple(x0_BCTHW.shape[-2:]), generator).to(x0_BCTHW.device)
-        noise = torch.randn(x0_BCTHW.shape, generator=generator, dtype=torch.float32).to(x0_BCTHW.device)
+        noise = draw(generator, b, tuple(x0_BCTHW.shape[1:])).to(x0_BCTHW.device)
         x_t = self.noisy_input(x0_BCTHW, noise, sigma).to(x0_BCTHW.dtype)
         pred = model(x_t, self.timesteps(sigma), **cond)
         err = (pred.float() - self.target(x0_BCTHW, noise, sigma)) ** 2

@@ -18,3 +18,22 @@ def masked_mean(
         return err_BCTHW.mean()
     m = mask_BTHW.to(err_BCTHW.dtype).unsqueeze(1).expand_as(err_BCTHW)
     return (err_BCTHW * m).sum() / m.sum().clamp(min=1)
+
+
+Generators = torch.Generator | list[torch.Generator]
+
+
+def draw(
+    generator: Generators, batch: int, sample_shape: tuple[int, ...], kind: str = "randn", dtype=torch.float32
+):
+    """Random tensor [batch, *sample_shape]: from one generator, or one generator per sample.
+
+    Per-sample generators make a sample's noise independent of how the batch is split over
+    micro-batches and data-parallel ranks.
+    """
+    fn = torch.randn if kind == "randn" else torch.rand
+    if isinstance(generator, torch.Generator):
+        return fn((batch, *sample_shape), generator=generator, dtype=dtype)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    return torch.cat([fn((1, *sample_shape), generator=g, dtype=dtype) for g in generator])

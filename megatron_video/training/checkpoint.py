@@ -1,0 +1,688 @@
+"""Training checkpoints: Megatron dist_checkpointing (torch_dist), atomic, exact to resume, reshardable.
+
+On disk::
+
+    <save_dir>/latest                    the iteration of the newest complete checkpoint (text)
+    <save_dir>/iter_0000100/             one checkpoint: dist_checkpointing files and
+                 checkpoint_meta.json    iteration, parallel layout, model geometry, config snapshot
+    <save_dir>/iter_0000200.tmp-<id>/    a save in progress or interrupted; never loaded
+
+What one checkpoint holds: the model chunks (``model``, or ``model0``, ``model1`` ... for virtual
+pipeline chunks) and the optimizer, both sharded so that dist_checkpointing reshards them across
+TP / PP / DP; the EMA under ``ema.<model key>``, sharded exactly like the model; the scheduler state
+and the loop's ``train_state`` (rank 0's, pickled); and every rank's random streams.
+
+A save writes into a ``.tmp-<id>`` directory, waits for every rank, and only then rank 0 renames it
+to ``iter_<7 digits>`` and replaces ``latest`` (temp file + ``os.replace``). A crash at any point
+leaves the previous checkpoint complete and ``latest`` naming it; stale temp directories are
+ignored by the loader and removed by the next successful save.
+
+Resuming on the layout the checkpoint was saved with is bit-exact, random streams included. On a
+different layout the random streams cannot be restored (they belong to ranks that no longer exist):
+every rank is reseeded from (seed, iteration, data-parallel rank, pipeline rank) and the returned
+train_state says ``rng_restored = False``.
+
+The distributed optimizer on torch Adam (megatron's fallback without TransformerEngine or apex, so
+every CPU run) cannot save or resume through megatron alone (``reference/megatron_on_cpu.md``,
+trap 2). Megatron's code assumes a fused Adam that keeps ``step`` in the param groups, but torch
+Adam keeps a ``step`` tensor per parameter:
+
+1. ``DistributedOptimizer.state_dict()`` asserts ``len(steps) == 1`` (distrib_optimizer.py:642)
+   and so fails on an optimizer that has not stepped yet, which is every optimizer about to load;
+2. its ``load_state_dict`` writes ONE shared ``step`` tensor into every parameter's state, and
+   torch's ``Optimizer.load_state_dict`` keeps ``step`` uncopied, so after a resume each
+   ``optimizer.step()`` adds 1 to that tensor once per parameter: bias correction goes wrong and
+   the loss departs from the uninterrupted run;
+3. ``_set_main_param_and_optimizer_states`` copies every key of the live state, ``step`` included,
+   from the loaded tensors, which never carry ``step`` (every resharding format drops it):
+   ``KeyError: 'step'`` for ``fully_reshardable``, ``fully_sharded_model_space`` and
+   ``dp_zero_gather_scatter``.
+
+Here (composition only, megatron unchanged): before a sharded state dict is built, an optimizer
+that has not stepped gets the state torch Adam would create at its first step (step 0, zero
+moments), which is numerically the same thing; on load, the param-group part (lr, betas, the common
+step) goes through megatron's ``load_state_dict``, the ``step`` entries are set aside while
+megatron's public ``load_parameter_state_from_<format>`` fills main parameters and moments, and
+each parameter then gets its own copy of the step. A TransformerEngine / apex fused Adam is left to
+megatron unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_video.training.ema import ParamEMA
+from megatron_video.training.rng import capture_rng_state, reseed_rng, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "megatron_video.checkpoint/1"
+META_FILE = "checkpoint_meta.json"
+LATEST_FILE = "latest"
+TMP_MARKER = ".tmp-"
+EMA_PREFIX = "ema."
+
+DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
+"""Megatron's sharding type for the distributed optimizer: reshardable over TP, PP and DP. At save it
+all-gathers each parameter's optimizer state over the data-parallel group (megatron's default,
+non-memory-efficient variant), so every rank briefly holds its model-parallel shard of the full state."""
+
+MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
+"""Model config fields that do not change the saved tensors; every other field must match."""
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that cannot be loaded into the current model or optimizer; names what differs."""
+
+
+# -- 1. Files: names, the latest pointer, publishing, pruning (rank 0 only, no torch.distributed) ---
+
+
+def iteration_dir_name(iteration: int) -> str:
+    """'iter_0000100' for iteration 100."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    return f"iter_{iteration:07d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(save_dir: str | Path) -> dict[int, Path]:
+    """Published checkpoints under save_dir by iteration (temp directories excluded)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return {}
+    found = {}
+    for entry in save_dir.iterdir():
+        match = _ITER_DIR.match(entry.name)
+        if match and (entry / META_FILE).is_file():
+            found[int(match.group(1))] = entry
+    return found
+
+
+def _read_latest(save_dir: Path) -> int | None:
+    try:
+        return int((save_dir / LATEST_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_latest(save_dir: str | Path, iteration: int) -> None:
+    """Atomically point save_dir/latest at `iteration` (temp file, fsync, os.replace)."""
+    save_dir = Path(save_dir)
+    tmp = save_dir / f"{LATEST_FILE}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, save_dir / LATEST_FILE)
+    _fsync_dir(save_dir)
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; if that is missing, the newest complete one; None if none."""
+    save_dir = Path(save_dir)
+    complete = complete_checkpoints(save_dir)
+    iteration = _read_latest(save_dir)
+    if iteration is not None and iteration in complete:
+        return complete[iteration]
+    if not complete:
+        return None
+    newest = max(complete)
+    if iteration is not None:
+        logger.warning(
+            "%s names iteration %d, which is not a complete checkpoint; using iteration %d",
+            save_dir / LATEST_FILE,
+            iteration,
+            newest,
+        )
+    return complete[newest]
+
+
+def publish_checkpoint(save_dir: str | Path, tmp_dir: str | Path, iteration: int) -> Path:
+    """Rename a fully written temp directory to iter_<iteration> and point `latest` at it."""
+    save_dir, tmp_dir = Path(save_dir), Path(tmp_dir)
+    final = save_dir / iteration_dir_name(iteration)
+    if final.exists():
+        # Saving an iteration again: move the old copy aside (a temp name), then swap in the new one.
+        os.rename(final, save_dir / f"{final.name}{TMP_MARKER}replaced-{uuid.uuid4().hex[:8]}")
+    os.rename(tmp_dir, final)
+    _fsync_dir(save_dir)
+    write_latest(save_dir, iteration)
+    return final
+
+
+def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
+    """Delete temp directories and files left by interrupted saves; return what was removed."""
+    removed = []
+    for entry in Path(save_dir).iterdir():
+        if TMP_MARKER not in entry.name:
+            continue
+        if not (entry.name.startswith("iter_") or entry.name.startswith(LATEST_FILE)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    save_dir = Path(save_dir)
+    complete = complete_checkpoints(save_dir)
+    keep = set(sorted(complete)[-keep_last:])
+    latest = _read_latest(save_dir)
+    if latest is not None:
+        keep.add(latest)
+    pruned = []
+    for iteration in sorted(set(complete) - keep):
+        # Rename first, so that a crash mid-delete leaves only a temp directory behind.
+        doomed = save_dir / f"{complete[iteration].name}{TMP_MARKER}pruned-{uuid.uuid4().hex[:8]}"
+        os.rename(complete[iteration], doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        pruned.append(iteration)
+    return pruned
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict:
+    """Metadata of a checkpoint directory (or of the latest checkpoint of a save directory).
+
+    Keys: iteration, layout (the parallel sizes it was saved with), optimizer, model (class and
+    config), config (the snapshot given as train_state["config"], or None), has_ema, format.
+    """
+    path = Path(path)
+    if not (path / META_FILE).is_file():
+        resolved = latest_checkpoint(path)
+        if resolved is None:
+            raise FileNotFoundError(f"no checkpoint at {path} (no {META_FILE}, no complete iter_* inside)")
+        path = resolved
+    meta = json.loads((path / META_FILE).read_text())
+    meta["path"] = str(path)
+    return meta
+
+
+# -- 2. What the run looks like: layout, model description ---------------------------------------
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers."""
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
+
+
+def current_layout() -> dict[str, Any]:
+    """Parallel sizes of this run (megatron's parallel state must be initialised)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "context_parallel": ps.get_context_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+        "expert_parallel": ps.get_expert_model_parallel_world_size(),
+    }
+
+
+def _describe_model(model_chunks: list) -> dict[str, Any]:
+    model = _unwrap(model_chunks[0])
+    cfg = getattr(model, "cfg", None)
+    return {
+        "class": type(model).__name__,
+        "num_chunks": len(model_chunks),
+        "config": _jsonable(cfg) if dataclasses.is_dataclass(cfg) else None,
+    }
+
+
+def _optimizer_parts(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer import DistributedOptimizer
+
+    return any(isinstance(part, DistributedOptimizer) for part in _optimizer_parts(optimizer))
+
+
+def _describe_optimizer(optimizer) -> dict[str, Any] | None:
+    if optimizer is None:
+        return None
+    distributed = _is_distributed(optimizer)
+    return {
+        "distributed": distributed,
+        "sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING if distributed else None,
+        "num_parts": len(_optimizer_parts(optimizer)),
+    }
+
+
+def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bool) -> None:
+    """Raise CheckpointMismatchError naming every field that cannot change between save and load."""
+    where = meta["path"]
+    saved, current = meta["model"], _describe_model(model_chunks)
+    if saved["class"] != current["class"]:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} holds a {saved['class']}, the current model is a {current['class']}"
+        )
+    if saved["num_chunks"] != current["num_chunks"]:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} was saved with {saved['num_chunks']} model chunk(s) "
+            f"(parallel.virtual_pipeline), the current run has {current['num_chunks']}"
+        )
+    if saved["config"] is not None and current["config"] is not None:
+        fields = sorted(set(saved["config"]) | set(current["config"]))
+        diffs = [
+            f"model.{name}: checkpoint {saved['config'].get(name)!r}, current {current['config'].get(name)!r}"
+            for name in fields
+            if name not in MODEL_FIELDS_FREE_TO_CHANGE
+            and saved["config"].get(name) != current["config"].get(name)
+        ]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} does not fit the current model geometry: " + "; ".join(diffs)
+            )
+    if optimizer is not None:
+        saved_opt = meta["optimizer"]
+        if saved_opt is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} has no optimizer state; load it with load_optimizer=False"
+            )
+        if saved_opt["distributed"] != _is_distributed(optimizer):
+            raise CheckpointMismatchError(
+                f"checkpoint {where} was saved with optimizer.use_distributed_optimizer="
+                f"{saved_opt['distributed']}, the current optimizer has "
+                f"use_distributed_optimizer={not saved_opt['distributed']}; load with "
+                "load_optimizer=False or match the setting"
+            )
+    if ema is not None and not meta["has_ema"] and strict:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} has no EMA weights; pass ema=None, or strict=False to start the "
+            "EMA from the loaded weights"
+        )
+
+
+# -- 3. Torch Adam state under megatron's optimizers ----------------------------------------------
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    inner = [getattr(part, "optimizer", None) for part in _optimizer_parts(optimizer)]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _init_torch_adam_state(optimizer) -> None:
+    """Give a torch Adam that has not stepped the state its first step would create (step 0, zeros).
+
+    Megatron's DistributedOptimizer.state_dict() needs a per-parameter `step` to exist; an optimizer
+    that already has state is left alone.
+    """
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for adam in _torch_adams(optimizer):
+        if any(adam.state.values()):
+            continue
+        for group in adam.param_groups:
+            on_param_device = group.get("capturable", False) or group.get("fused", False)
+            for p in group["params"]:
+                device = p.device if on_param_device else torch.device("cpu")
+                state = adam.state[p]
+                state["step"] = torch.zeros((), dtype=step_dtype, device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad", False):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _untie_steps(optimizer) -> None:
+    """One `step` tensor per parameter (megatron's load shares one); a missing step means 0."""
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            if "exp_avg" in state:
+                step = state.get("step", torch.zeros((), dtype=torch.float32))
+                state["step"] = step.detach().clone()
+
+
+def _load_distributed_part(part, state: dict) -> None:
+    """DistributedOptimizer over torch Adam: megatron's load, with `step` kept out of its way."""
+    state = dict(state)
+    param_state = state.pop("param_state", None)
+    sharding_type = state.pop("param_state_sharding_type", None)
+    # Param groups (lr, betas, wd), the grad scaler, and the common step written into every state.
+    part.load_state_dict(state)
+    if param_state is None:
+        return
+    adam = part.optimizer
+    steps = {p: s.pop("step") for p, s in adam.state.items() if "step" in s}
+    loaders = {
+        "fully_reshardable": part.load_parameter_state_from_fully_reshardable,
+        "fully_sharded_model_space": part.load_parameter_state_from_fs_model_space,
+        "dp_reshardable": part.load_parameter_state_from_dp_reshardable,
+        "dp_zero_gather_scatter": part.load_parameter_state_from_dp_zero,
+    }
+    if sharding_type not in loaders:
+        raise CheckpointMismatchError(f"unknown distributed-optimizer sharding type {sharding_type!r}")
+    loaders[sharding_type](param_state)
+    for p, step in steps.items():
+        adam.state[p]["step"] = step.detach().clone()
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    from megatron.core.optimizer import DistributedOptimizer
+
+    parts = _optimizer_parts(optimizer)
+    if len(parts) == 1:
+        states = [state]
+    else:
+        states = [state[i] for i in range(len(parts))] if isinstance(state, dict) else list(state)
+    for part, part_state in zip(parts, states, strict=True):
+        uses_torch_adam = isinstance(getattr(part, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
+        if isinstance(part, DistributedOptimizer) and uses_torch_adam:
+            _load_distributed_part(part, part_state)
+        else:
+            part.load_state_dict(part_state)
+    _untie_steps(optimizer)
+    if len(parts) > 1 and hasattr(optimizer, "_synchronize_steps"):
+        optimizer._synchronize_steps()
+
+
+# -- 4. The sharded state dict ---------------------------------------------------------------------
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _ema_names(chunk: torch.nn.Module, ema: ParamEMA) -> dict[int, str]:
+    """id(parameter) -> EMA name, at whichever wrapper level the EMA was built on."""
+    module = chunk
+    while True:
+        names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+        if set(names.values()) == set(ema.shadow):
+            return names
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            raise ValueError(
+                "the EMA's parameter names match no wrapper level of the model chunk; build ParamEMA "
+                "on the model being checkpointed"
+            )
+        module = inner
+
+
+def _ema_sharded_state(chunk: torch.nn.Module, ema: ParamEMA) -> dict[str, Any]:
+    """EMA name -> the model parameter's sharded entry with the EMA tensor and key 'ema.<key>'."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    names = _ema_names(chunk, ema)
+    entries = {}
+    for sharded in nested_values(_unwrap(chunk).sharded_state_dict()):
+        if not isinstance(sharded, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        name = names.get(id(sharded.data))
+        if name is None:
+            continue
+        shadow = ema.shadow[name]
+        changes: dict[str, Any] = {"key": EMA_PREFIX + sharded.key, "data": shadow}
+        if isinstance(sharded, ShardedTensor):
+            changes["dtype"] = shadow.dtype
+        entries[name] = dataclasses.replace(sharded, **changes)
+    missing = sorted(set(ema.shadow) - set(entries))
+    if missing:
+        raise ValueError(f"EMA tensors without a sharded model entry: {missing}")
+    return entries
+
+
+def _sharded_state(model_chunks, optimizer, ema, rng_state: dict | None, is_loading: bool) -> dict[str, Any]:
+    """The sharded part: model chunks, optimizer, EMA, this rank's RNG streams (when given)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    state: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        state[key] = _unwrap(chunk).sharded_state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            dict(state),
+            is_loading=is_loading,
+            metadata={
+                "distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING,
+                "chained_optim_avoid_prefix": True,
+            },
+        )
+    if ema is not None:
+        state["ema"] = _ema_sharded_state(model_chunks[0], ema)
+    if rng_state is not None:
+        state["rng_state"] = ShardedObject(
+            "rng_state", rng_state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
+        )
+    return state
+
+
+# -- 5. Save and load ------------------------------------------------------------------------------
+
+
+def _broadcast_from_rank0(value: Any) -> Any:
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    train_state: dict,
+    ema: ParamEMA | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save a checkpoint of iteration `iteration` on every rank (collective); return its directory.
+
+    model_chunks: the Megatron-DDP-wrapped model chunks; optimizer: what get_megatron_optimizer
+    returned (or None); scheduler: an OptimizerParamScheduler (or None); train_state: a picklable
+    dict from the loop (rank 0's is saved; "config" in it is also written to the metadata file);
+    keep_last: delete all but the newest `keep_last` checkpoints after this one is published.
+    """
+    from megatron.core import dist_checkpointing
+
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    save_dir = Path(save_dir)
+    rank = dist.get_rank()
+    name = iteration_dir_name(iteration)
+    tmp = save_dir / _broadcast_from_rank0(f"{name}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    # Saving leaves every random stream as it found it, so a run that saves continues exactly like
+    # a run that does not.
+    rng_before_save = capture_rng_state()
+
+    # 1. The sharded part (every rank) and the common part (written by rank 0).
+    if optimizer is not None:
+        _init_torch_adam_state(optimizer)
+    state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, is_loading=False)
+    state["iteration"] = iteration
+    state["train_state"] = pickle.dumps(train_state)  # bytes: torch.load(weights_only) reads them
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    dist_checkpointing.save(state, str(tmp))
+    if rank == 0:
+        meta = {
+            "format": FORMAT,
+            "iteration": iteration,
+            "layout": current_layout(),
+            "optimizer": _describe_optimizer(optimizer),
+            "model": _describe_model(model_chunks),
+            "has_ema": ema is not None,
+            "has_scheduler": scheduler is not None,
+            "config": _jsonable(train_state.get("config")),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    restore_rng_state(rng_before_save)
+    dist.barrier()
+
+    # 2. Publish on rank 0; every rank learns whether it worked.
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            _publish(save_dir, tmp, iteration)
+        except Exception as exc:
+            error = exc
+    outcome = _broadcast_from_rank0(None if error is None else repr(error))
+    if error is not None:
+        raise error
+    if outcome is not None:
+        raise RuntimeError(f"rank 0 could not publish checkpoint {save_dir / name}: {outcome}")
+
+    # 3. Housekeeping on rank 0, then every rank returns with the checkpoint visible.
+    if rank == 0:
+        remove_stale_temporaries(save_dir)
+        if keep_last is not None:
+            prune_checkpoints(save_dir, keep_last)
+    dist.barrier()
+    return save_dir / name
+
+
+def _publish(save_dir: Path, tmp: Path, iteration: int) -> Path:
+    """The commit point of a save (a seam for tests that interrupt a save)."""
+    return publish_checkpoint(save_dir, tmp, iteration)
+
+
+def _resolve(load_dir: str | Path, iteration: int | None) -> Path | None:
+    load_dir = Path(load_dir)
+    if (load_dir / META_FILE).is_file():
+        return load_dir
+    if iteration is None:
+        return latest_checkpoint(load_dir)
+    path = load_dir / iteration_dir_name(iteration)
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"no complete checkpoint for iteration {iteration} at {path}")
+    return path
+
+
+def _reseed_seed(train_state: dict) -> int:
+    if "seed" in train_state:
+        return int(train_state["seed"])
+    config = _jsonable(train_state.get("config"))
+    if isinstance(config, dict) and isinstance(config.get("runtime"), dict) and "seed" in config["runtime"]:
+        return int(config["runtime"]["seed"])
+    return 0
+
+
+def load_checkpoint(
+    load_dir: str | Path,
+    model_chunks: list,
+    optimizer=None,
+    scheduler=None,
+    ema: ParamEMA | None = None,
+    iteration: int | None = None,
+    load_optimizer: bool = True,
+    strict: bool = True,
+) -> dict | None:
+    """Load a checkpoint into the given objects on every rank (collective); return its train_state.
+
+    load_dir: a save directory (its `latest` checkpoint, or `iteration`'s) or one checkpoint
+    directory. Returns None when there is no checkpoint. With load_optimizer=False neither the
+    optimizer nor the scheduler is restored (the optimizer's main parameters follow the loaded
+    model). The parallel layout may differ from the saved one (dist_checkpointing reshards); the
+    model geometry may not (CheckpointMismatchError names the field). The returned train_state has
+    "rng_restored": True when every random stream continues exactly, False when the layout
+    changed and the streams were reseeded from (seed, iteration, data-parallel rank, pipeline
+    rank) instead ("rng_reseeded_from" then holds seed and iteration).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = _resolve(load_dir, iteration)
+    if path is None:
+        return None
+    meta = read_checkpoint_metadata(path)
+    wanted_optimizer = optimizer if load_optimizer else None
+    _check_compatible(meta, model_chunks, wanted_optimizer, ema, strict)
+    load_ema = ema is not None and meta["has_ema"]
+    same_layout = meta["layout"] == current_layout()
+
+    if wanted_optimizer is not None:
+        _init_torch_adam_state(wanted_optimizer)
+    rng_template = capture_rng_state() if same_layout else None
+    state = _sharded_state(
+        model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, is_loading=True
+    )
+    loaded = dist_checkpointing.load(
+        state,
+        str(path),
+        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED,
+    )
+
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+    if wanted_optimizer is not None:
+        _load_optimizer_state(wanted_optimizer, loaded["optimizer"])
+        if scheduler is not None and loaded.get("scheduler") is not None:
+            scheduler.load_state_dict(loaded["scheduler"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()
+    if ema is not None:
+        if load_ema:
+            with torch.no_grad():
+                for name, tensor in loaded["ema"].items():
+                    ema.shadow[name].copy_(tensor)
+        else:
+            logger.warning("checkpoint %s has no EMA; the EMA starts from the loaded weights", path)
+            names = _ema_names(model_chunks[0], ema)
+            with torch.no_grad():
+                for p in model_chunks[0].parameters():
+                    if id(p) in names:
+                        ema.shadow[names[id(p)]].copy_(p.detach().float())
+
+    train_state = dict(pickle.loads(loaded["train_state"]))
+    if same_layout:
+        restore_rng_state(loaded["rng_state"])
+        train_state["rng_restored"] = True
+    else:
+        seed, saved_iteration = _reseed_seed(train_state), meta["iteration"]
+        reseed_rng(
+            seed,
+            saved_iteration,
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        )
+        train_state["rng_restored"] = False
+        train_state["rng_reseeded_from"] = {"seed": seed, "iteration": saved_iteration}
+        if dist.get_rank() == 0:
+            logger.warning(
+                "checkpoint %s was saved with layout %s, this run is %s: random streams reseeded",
+                path,
+                meta["layout"],
+                current_layout(),
+            )
+    return train_state

@@ -1,0 +1,207 @@
+"""The training loop shared by pretrain_t2v.py and pretrain_i2v.py.
+
+One optimizer step:
+    for each micro-batch: objective.training_loss(model, x0, cond) -> backward (scaled for
+    accumulation and for the (DP x CP) gradient average) -> finalize_model_grads (DP x CP
+    reduction, TP sums of sequence-parallel / QK-norm grads) -> clipping rule (clip, or skip on
+    NaN / extreme norms) -> AdamW -> LR schedule -> EMA.
+Sigma and noise come from a generator seeded by (seed, step, micro-batch, DP rank), so every TP /
+CP rank of a replica draws the same values and a resumed run draws what the original would have.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+
+from megatron_video.config.schema import ExperimentConfig
+from megatron_video.diffusion import DDPMObjective, FlowMatching
+from megatron_video.models.suv.model import SUVModel
+from megatron_video.training.ema import ParamEMA
+from megatron_video.training.grad_clip import BatchDropClip, build_clipper
+from megatron_video.training.optim import build_optimizer, local_grad_norm, optimizer_step, scale_local_grads
+from megatron_video.training.runtime import Runtime, sample_generators
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch ready for the objective."""
+
+    x0_BCTHW: torch.Tensor
+    """Clean (normalised) latents."""
+
+    cond: dict[str, torch.Tensor]
+    """Model keyword inputs besides the noisy latents and timesteps."""
+
+    loss_mask_BTHW: torch.Tensor | None = None
+    """Latent positions that count in the loss (None: all)."""
+
+
+class BatchSource(Protocol):
+    """Yields this data-parallel rank's micro-batches and can resume its position."""
+
+    def next_batch(self) -> TrainBatch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_objective(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
+    """The configured diffusion objective."""
+    o = cfg.training.objective
+    if o.kind == "flow":
+        return FlowMatching(weighting=o.weighting, shift=o.shift, patch_size=cfg.model.patch_size)
+    return DDPMObjective(
+        prediction=o.kind,
+        zero_terminal_snr=o.zero_terminal_snr,
+        snr_gamma=o.snr_gamma,
+        noise_offset=o.noise_offset,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+
+
+def wrap_ddp(model: torch.nn.Module, plan, distributed_optimizer: bool) -> DistributedDataParallel:
+    """Megatron DDP with fp32 gradient reduction, no overlap (deterministic order)."""
+    return DistributedDataParallel(
+        config=plan.linear_config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        module=model,
+    )
+
+
+@dataclass
+class Trainer:
+    """Model, optimizer, EMA and clipping for one stage, and the step that drives them."""
+
+    cfg: ExperimentConfig
+    runtime: Runtime
+    model: SUVModel
+    ddp: DistributedDataParallel = field(init=False)
+    optimizer: Any = field(init=False)
+    scheduler: Any = field(init=False)
+    ema: ParamEMA | None = field(init=False)
+    clipper: Any = field(init=False)
+    objective: Any = field(init=False)
+    step: int = 0
+    consumed_samples: int = 0
+    before_optimizer_step: Callable[[Trainer], None] | None = None
+    """Test hook called with gradients reduced and before the clipping decision."""
+
+    def __post_init__(self):
+        cfg, rt = self.cfg, self.runtime
+        dist_opt = cfg.training.optimizer.distributed_optimizer and rt.dp_size > 1
+        self.ddp = wrap_ddp(self.model, rt.plan, dist_opt)
+        self.optimizer, self.scheduler = build_optimizer(
+            [self.ddp], cfg.training, cfg.runtime.dtype, rt.dp_size
+        )
+        t = cfg.training
+        self.ema = ParamEMA(self.model, t.ema_decay) if t.ema_decay is not None else None
+        self.clipper = build_clipper(t.clip.mode, t.clip.max_norm, t.clip.ema_decay)
+        self.objective = build_objective(cfg, rt.dp_rank, rt.dp_size)
+        self.accumulation = t.accumulation_steps(rt.dp_size)
+
+    @property
+    def model_chunks(self) -> list:
+        """DDP-wrapped model chunks (one without virtual pipelining)."""
+        return [self.ddp]
+
+    def train_step(self, source: BatchSource) -> dict:
+        """One optimizer step over `accumulation` micro-batches; returns metrics (equal on all ranks)."""
+        rt, t = self.runtime, self.cfg.training
+        cp = rt.plan.cp_size
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = []
+        mbs = t.micro_batch_size
+        for micro in range(self.accumulation):
+            batch = source.next_batch()
+            first = (rt.dp_rank * self.accumulation + micro) * mbs
+            gen = sample_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
+            loss = self.objective.training_loss(
+                self.ddp, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW
+            )
+            # DDP averages over (DP x CP); each CP rank holds a share of the gradient.
+            (loss * cp / self.accumulation).backward()
+            losses.append(loss.detach().clone())
+        if isinstance(self.clipper, BatchDropClip):
+            self._drop_abnormal_ranks()
+        finalize_model_grads(self.model_chunks)
+        if self.before_optimizer_step is not None:
+            self.before_optimizer_step(self)
+        result = optimizer_step(self.optimizer, self.clipper)
+        if result.action != "skip":
+            self.scheduler.step(increment=t.global_batch_size)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        loss = torch.stack(losses).mean()
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        return {
+            "loss": loss.item() / rt.dp_size,
+            "grad_norm": result.grad_norm,
+            "clip_threshold": result.threshold,
+            "skipped_steps": self.clipper.skipped_steps,
+            "lr": result.lr,
+        }
+
+    def _drop_abnormal_ranks(self) -> None:
+        """v1.3 batch dropping: weigh each DP rank's local gradient before the reduction."""
+        group = parallel_state.get_data_parallel_group()
+        norm = torch.tensor([local_grad_norm(self.model_chunks)], dtype=torch.float64)
+        norms = [torch.zeros_like(norm) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(norms, norm, group=group)
+        weights = self.clipper.rank_weights([float(n) for n in norms])
+        scale_local_grads(self.model_chunks, weights[dist.get_rank(group)])
+
+    def train_state(self) -> dict:
+        """Everything besides tensors that a resume needs."""
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "clip": self.clipper.state_dict(),
+        }
+
+    def load_train_state(self, state: dict) -> None:
+        """Restore counters and clipping statistics."""
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.clipper.load_state_dict(state["clip"])
+
+
+class StopSignal:
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank received SIGTERM."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
