@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_video.config.encoders import VAESection
 from megatron_video.config.loader import (
     ConfigError,
     apply_overrides,
@@ -18,7 +19,11 @@ from megatron_video.config.loader import (
     read_yaml_with_bases,
 )
 from megatron_video.config.training import TrainingConfig
+from megatron_video.data.config import DataConfig
+from megatron_video.data.i2v_masks import I2VMaskConfig
+from megatron_video.data.text import TextConfig
 from megatron_video.models.suv.config import FLAVORS, SUVConfig
+from megatron_video.models.text.config import TextEncoderPairConfig
 
 
 @dataclass
@@ -117,10 +122,37 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Objective, optimiser, clipping, EMA, checkpoints and logging of one training stage."""
 
+    data: DataConfig = field(default_factory=DataConfig)
+    """Annotations, decoding, frame and resolution rules, buckets. Its VAE strides and
+    context-parallel size are filled from `vae` and `parallel` (one source each)."""
+
+    captions: TextConfig = field(default_factory=TextConfig)
+    """Caption choice, cleanup, aesthetic notice and CFG dropout."""
+
+    text: TextEncoderPairConfig = field(default_factory=TextEncoderPairConfig)
+    """Text encoder(s): token states for the caption stream, pooled features for AdaLN."""
+
+    vae: VAESection = field(default_factory=VAESection)
+    """The VAE and its weights."""
+
+    i2v: I2VMaskConfig = field(default_factory=I2VMaskConfig)
+    """Image-to-video mask types and condition noise (I2V training only)."""
+
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix; needs no process group."""
         self.model.validate()
         self.training.validate()
+        self.i2v.validate()
+        self.captions.validate()
+        if self.data.data_list is not None:
+            self.data.validate()
+            self.text.validate()
+            text_width = _text_width(self.text)
+            if text_width is not None and text_width != self.model.caption_channels:
+                raise ConfigError(
+                    f"model.caption_channels={self.model.caption_channels} but the text encoder gives "
+                    f"{text_width}-wide token states; set model.caption_channels={text_width}"
+                )
         p, m, s = self.parallel, self.model, self.shape
         for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
             if getattr(p, name) < 1:
@@ -187,6 +219,18 @@ class ExperimentConfig:
             )
 
 
+def _text_width(text: TextEncoderPairConfig) -> int | None:
+    """Token-state width of the configured context encoder, read from its config.json."""
+    import json
+
+    path = text.context.model_path()
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    data = json.loads(cfg_file.read_text())
+    return data.get("d_model") or data.get("hidden_size")
+
+
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`."""
     data = apply_overrides(data, list(overrides or []))
@@ -196,8 +240,47 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> Ex
         raise ConfigError(f"unknown model.flavor '{flavor}'; choose one of {sorted(FLAVORS)}")
     data = {**data, "model": {**FLAVORS[flavor], **model, "flavor": flavor}}
     cfg = from_dict(ExperimentConfig, data)
+    fill_derived_fields(cfg, explicit_shape="shape" in data)
     cfg.validate()
     return cfg
+
+
+def vae_strides(vae: VAESection) -> tuple[int, int]:
+    """(temporal, spatial) compression of the configured VAE."""
+    if vae.kind == "causal_vae":
+        from megatron_video.models.causal_vae.config import CausalVAEConfig
+
+        c = CausalVAEConfig.from_flavor(vae.flavor)
+        return c.temporal_stride, c.spatial_stride
+    from megatron_video.models.wfvae.config import WFVAEConfig
+
+    c = WFVAEConfig.from_flavor(vae.flavor)
+    return c.temporal_compression, 8
+
+
+def fill_derived_fields(cfg: ExperimentConfig, explicit_shape: bool = False) -> None:
+    """Copy settings that live in one section into the sections that need them.
+
+    data.vae_stride_* come from the VAE, data.context_parallel from `parallel`, data.batch_size
+    from training.micro_batch_size; when the config
+    has a data list, `shape` (the largest sample, used by validation) comes from `data`, `vae`
+    and the text encoder unless the file sets `shape` itself.
+    """
+    if cfg.data.data_list is None:
+        return
+    st, shw = vae_strides(cfg.vae)
+    cfg.data.vae_stride_t, cfg.data.vae_stride_hw = st, shw
+    cfg.data.context_parallel = cfg.parallel.context_parallel
+    cfg.data.batch_size = cfg.training.micro_batch_size
+    if not explicit_shape:
+        cfg.shape = ShapeConfig(
+            num_frames=cfg.data.num_frames,
+            height=cfg.data.max_height,
+            width=cfg.data.max_width,
+            vae_stride_t=st,
+            vae_stride_hw=shw,
+            text_length=cfg.text.context.max_length,
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -1,0 +1,203 @@
+"""Data loading throughput: samples per second from a torch DataLoader over the demo data with 0, 1
+and 2 worker processes, measured side by side in one run.
+
+Every (loader, worker count) pair runs once per round, round-robin in a rotated order, so load from
+other processes reaches each alike; the table gives medians over rounds. One run is one epoch over the
+dataset through `build_dataloader` (bucket sampler, PyAV decoding, resize, collate). "first batch" is
+the time from creating the iterator to the first batch (worker start-up included); "samples/s" and
+"frames/s" count the batches after the first one, over the time after it (steady state).
+
+    python benchmarks/data.py                          # builds the demo data in a temporary folder
+    python benchmarks/data.py --data DIR/data.txt      # an existing data.txt (e.g. from tools/prepare_demo_data.py)
+    python benchmarks/data.py --quick                  # 2 rounds: checks that the script works
+    python benchmarks/data.py --json out.json          # also write every number as JSON
+
+The loaders compared are listed by `loader_factories`; each is measured with every worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from megatron_video.data import DataConfig, VideoTextDataset, build_dataloader, set_epoch
+
+LoaderFactory = Callable[[int], DataLoader]
+"""Worker count -> a DataLoader over one epoch of the benchmark data."""
+
+
+@dataclass
+class Measurement:
+    """One loader at one worker count: medians over rounds."""
+
+    loader: str
+    workers: int
+    first_batch_s: float
+    samples_per_s: float
+    frames_per_s: float
+    epoch_s: float
+    samples: int
+    """Samples per epoch (after the first batch, counted for the rates)."""
+
+
+def decoded_video_loader(args: argparse.Namespace) -> LoaderFactory:
+    """The data pipeline as training runs it: decode the planned frames, resize, normalise, collate."""
+    cfg = DataConfig(
+        data_list=str(args.data),
+        num_frames=args.num_frames,
+        min_num_frames=9,
+        train_fps=24.0,
+        drop_short_ratio=0.0,
+        force_resolution=False,
+        max_hxw=args.max_hxw,
+        min_hxw=None,
+        hw_stride=16,
+        min_h_div_w_ratio=0.2,
+        max_h_div_w_ratio=2.0,
+        batch_size=args.batch_size,
+        bucket_drop_threshold=0.0,
+    )
+    dataset = VideoTextDataset(cfg)
+    print(f"decode: {len(dataset)} samples in buckets {sorted(set(dataset.bucket_keys))}")
+
+    def make(num_workers: int) -> DataLoader:
+        return build_dataloader(dataset, dp_rank=0, dp_size=1, num_workers=num_workers)
+
+    return make
+
+
+def loader_factories(args: argparse.Namespace) -> dict[str, LoaderFactory]:
+    """The loaders the benchmark compares, by name; a cached-feature loader is added here to be
+    measured against decoding with the same worker counts."""
+    return {"decode": decoded_video_loader(args)}
+
+
+def time_epoch(loader: DataLoader, epoch: int) -> tuple[float, float, int, int]:
+    """(seconds to the first batch, seconds after it, samples and frames after it) for one epoch."""
+    set_epoch(loader, epoch)
+    start = time.perf_counter()
+    first = None
+    samples = frames = 0
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter()
+            continue
+        samples += batch["video"].shape[0]
+        frames += batch["video"].shape[0] * batch["video"].shape[2]
+    end = time.perf_counter()
+    return first - start, end - first, samples, frames
+
+
+def run(factories: dict[str, LoaderFactory], workers: list[int], rounds: int) -> list[Measurement]:
+    """Every (loader, workers) pair once per round, rotating the order each round."""
+    pairs = [(name, w) for name in factories for w in workers]
+    loaders = {(name, w): factories[name](w) for name, w in pairs}
+    times: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {p: [] for p in pairs}
+    for r in range(rounds + 1):  # round 0 warms up page cache and imports; not counted
+        order = pairs[r % len(pairs) :] + pairs[: r % len(pairs)]
+        for pair in order:
+            result = time_epoch(loaders[pair], r)
+            if r > 0:
+                times[pair].append(result)
+        if r > 0:
+            print(f"  round {r}/{rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    out = []
+    for name, w in pairs:
+        runs = times[(name, w)]
+        out.append(
+            Measurement(
+                loader=name,
+                workers=w,
+                first_batch_s=statistics.median(t[0] for t in runs),
+                samples_per_s=statistics.median(t[2] / t[1] for t in runs),
+                frames_per_s=statistics.median(t[3] / t[1] for t in runs),
+                epoch_s=statistics.median(t[0] + t[1] for t in runs),
+                samples=runs[0][2],
+            )
+        )
+    return out
+
+
+def print_table(rows: list[Measurement]) -> None:
+    print(f"{'loader':<10}{'workers':>8}{'first batch s':>15}{'samples/s':>11}{'frames/s':>10}{'epoch s':>9}")
+    for m in rows:
+        print(
+            f"{m.loader:<10}{m.workers:>8}{m.first_batch_s:>15.3f}{m.samples_per_s:>11.1f}"
+            f"{m.frames_per_s:>10.1f}{m.epoch_s:>9.2f}"
+        )
+
+
+def demo_data(folder: Path) -> Path:
+    """Build the demo dataset with tools/prepare_demo_data.py into `folder`; returns its data.txt."""
+    path = Path(__file__).parents[1] / "tools" / "prepare_demo_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_demo_data", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.prepare_demo_data(folder)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="data.txt; default: build the demo data")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed epochs per (loader, workers), after one warm-up"
+    )
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-frames", type=int, default=33, help="target frames per video sample")
+    parser.add_argument(
+        "--max-hxw", type=int, default=128 * 224, help="largest sample area (Min-Max strategy)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--quick", action="store_true", help="2 rounds: checks that the script works")
+    parser.add_argument("--json", default=None, help="write every number to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = 2
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:
+            args.data = demo_data(Path(tmp) / "demo")
+            print(f"built the demo data in {time.perf_counter() - start:.1f} s")
+        factories = loader_factories(args)
+        print(
+            f"torch {torch.__version__}, main-process threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+            f"load average at start {os.getloadavg()[0]:.1f}"
+        )
+        print(
+            f"data: {args.data}; batch {args.batch_size}, {args.num_frames} frames, max area {args.max_hxw}; "
+            f"{args.rounds} timed epochs per pair after one warm-up"
+        )
+        rows = run(factories, args.workers, args.rounds)
+    print()
+    print_table(rows)
+    print(f"Elapsed {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(args={k: str(v) for k, v in vars(args).items()}, rows=[asdict(r) for r in rows]),
+                f,
+                indent=1,
+            )
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

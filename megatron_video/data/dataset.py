@@ -1,0 +1,295 @@
+"""`VideoTextDataset`: annotated videos and images -> model-ready samples, bucketed by shape.
+
+At construction, from annotation metadata only (no media file is opened): the frame plan of every
+video (`frames.plan_video_frames`) and the target size (`resolution.plan_resolution`), hence each
+sample's bucket key "{frames}x{height}x{width}". Entries the rules leave out are counted by reason and
+logged.
+
+`dataset[i]` decodes the planned frames, applies the annotation crop and the resolution transform, and
+returns:
+
+    video       float32 [C, T, H, W] in [-1, 1] (T = 1 for images)
+    captions    list of the raw captions (choosing one and CFG dropout belong to the text side)
+    aesthetic   float or None
+    path        str, the media file loaded
+    bucket      str, e.g. "33x256x256"
+    is_image    bool, the file is an image (T = 1)
+    index       int, the dataset index loaded (differs from the one asked for after a replacement)
+    load_failures  list of "path: reason" for files that failed before this one
+
+A file that cannot be read (missing, corrupt, truncated, over the time limit, wrong annotated size)
+is logged with its path, counted in `failure_counts` (per process), remembered (not opened again by
+this process) and replaced by another sample of the same bucket, so the batch keeps one shape and the
+job keeps going; `cfg.max_load_attempts` failed files in a row raise. Random choices (temporal crop,
+replacement order) are drawn from (seed, epoch, index), so every rank and worker makes the same
+ones; only a failure that happens on one rank and not another (a time-out, a flaky file system)
+can make ranks of one replica load different samples, which the batch's `index` lets a trainer check.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megatron_video.data.annotations import Entry, load_annotations
+from megatron_video.data.collate import VideoCollate
+from megatron_video.data.config import DataConfig
+from megatron_video.data.frames import FramePlan, Skipped, plan_video_frames
+from megatron_video.data.resolution import plan_resolution, to_model_input
+from megatron_video.data.sampler import MegabatchBucketSampler
+from megatron_video.data.video_io import DecodeTimeout, read_image, read_video_frames
+from megatron_video.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+HARD_TIMEOUT_GRACE_S = 5.0
+"""Extra seconds the watchdog waits beyond `decode_timeout_s` before abandoning a load."""
+
+
+def bucket_key(num_frames: int, height: int, width: int) -> str:
+    """The shape key "{frames}x{height}x{width}" samples are grouped by."""
+    return f"{num_frames}x{height}x{width}"
+
+
+def parse_bucket_key(key: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a bucket key."""
+    t, h, w = (int(v) for v in key.split("x"))
+    return t, h, w
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """What one entry becomes: its frames (None for images) and its target size."""
+
+    entry: Entry
+    frames: FramePlan | None
+    height: int
+    width: int
+
+    @property
+    def num_frames(self) -> int:
+        return 1 if self.frames is None else self.frames.length
+
+    @property
+    def bucket(self) -> str:
+        return bucket_key(self.num_frames, self.height, self.width)
+
+
+def plan_samples(entries: Sequence[Entry], cfg: DataConfig) -> tuple[list[SamplePlan], Counter]:
+    """Apply the frame and resolution rules to every entry; returns the plans and skip counts by reason.
+
+    The drop-short draws come from one generator seeded with cfg.seed, in entry order, so every rank
+    builds the same plans.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    plans: list[SamplePlan] = []
+    skipped: Counter = Counter()
+    for entry in entries:
+        crop = entry.crop if cfg.use_crop else None
+        h, w = (crop[3] - crop[2], crop[1] - crop[0]) if crop else (entry.height, entry.width)
+        size = plan_resolution(h, w, cfg)
+        if isinstance(size, Skipped):
+            skipped[("image_" if entry.is_image else "video_") + size.reason] += 1
+            continue
+        frames = None
+        if not entry.is_image:
+            start = entry.cut[0] if (entry.cut and cfg.use_cut) else 0
+            frames = plan_video_frames(entry.num_frames, entry.fps, start, cfg, rng)
+            if isinstance(frames, Skipped):
+                skipped["video_" + frames.reason] += 1
+                continue
+        plans.append(SamplePlan(entry=entry, frames=frames, height=size[0], width=size[1]))
+    return plans, skipped
+
+
+class VideoTextDataset(Dataset):
+    """Map-style dataset of annotated videos and images; see the module docstring for a sample."""
+
+    def __init__(self, cfg: DataConfig, entries: Sequence[Entry] | None = None):
+        """Read `cfg.data_list` (unless `entries` are given) and plan every sample."""
+        cfg.validate()
+        self.cfg = cfg
+        self.build_counts: Counter = Counter()
+        if entries is None:
+            if not cfg.data_list:
+                raise ConfigError("data.data_list is not set; point it at a data.txt")
+            entries, report = load_annotations(cfg.data_list, check_files_exist=cfg.check_files_exist)
+            self.build_counts.update({f"annotation_{k}": v for k, v in report.counts.items()})
+        self.plans, skipped = plan_samples(entries, cfg)
+        self.build_counts.update({f"skipped_{k}": v for k, v in skipped.items()})
+        self.build_counts["samples"] = len(self.plans)
+        if not self.plans:
+            raise ConfigError(
+                f"no sample passes the data rules ({dict(self.build_counts)}); check data.num_frames, "
+                "min_num_frames, the resolution limits and the aspect range"
+            )
+        self.bucket_keys: list[str] = [p.bucket for p in self.plans]
+        self.bucket_members: dict[str, list[int]] = {}
+        for i, key in enumerate(self.bucket_keys):
+            self.bucket_members.setdefault(key, []).append(i)
+        self.epoch = 0
+        self.failure_counts: Counter = Counter()
+        self._known_bad: set[int] = set()
+        # seconds after which a load stuck inside one decoder call is abandoned
+        self.watchdog_timeout_s = cfg.decode_timeout_s + HARD_TIMEOUT_GRACE_S
+        logger.info(
+            "dataset: %d samples in %d buckets; build counts %s; largest buckets %s",
+            len(self.plans),
+            len(self.bucket_members),
+            dict(self.build_counts),
+            Counter(self.bucket_keys).most_common(8),
+        )
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose temporal crops and replacements `__getitem__` draws."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        failures: list[str] = []
+        bucket = self.bucket_keys[index]
+        tries = 0
+        for current in self._candidates(int(index)):
+            path = self.plans[current].entry.path
+            if current in self._known_bad:
+                if current == index:
+                    failures.append(f"{path}: failed earlier in this process")
+                continue
+            try:
+                sample = self._load_with_time_limit(current)
+            except Exception as e:  # one unreadable file must not stop training: count, log, replace
+                tries += 1
+                failures.append(f"{path}: {type(e).__name__}: {e}")
+                self.failure_counts[type(e).__name__] += 1
+                self._known_bad.add(current)
+                logger.warning(
+                    "could not load %s (%s: %s); replacing it within bucket %s",
+                    path,
+                    type(e).__name__,
+                    e,
+                    bucket,
+                )
+                if tries > self.cfg.max_load_attempts:
+                    break
+                continue
+            sample["load_failures"] = failures
+            return sample
+        raise RuntimeError(
+            f"could not load a sample of bucket {bucket} for index {index}: {tries} files failed "
+            f"({len(self._known_bad)} known-bad files in this process); last: " + " | ".join(failures[-3:])
+        )
+
+    def _candidates(self, index: int):
+        """`index`, then the other members of its bucket in an order fixed by (seed, epoch, index).
+
+        The order does not depend on what failed before, so every process that meets the same
+        unreadable files picks the same replacement.
+        """
+        yield index
+        members = self.bucket_members[self.bucket_keys[index]]
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
+        for position in rng.permutation(len(members)).tolist():
+            if members[position] != index:
+                yield members[position]
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Sample `index` without replacement or watchdog; raises on an unreadable file."""
+        plan = self.plans[index]
+        entry, cfg = plan.entry, self.cfg
+        crop = entry.crop if cfg.use_crop else None
+        if plan.frames is None:
+            frames_THWC = read_image(entry.path, crop=crop)
+        else:
+            rng = np.random.default_rng([cfg.seed, self.epoch, index])
+            frames_THWC = read_video_frames(
+                entry.path, plan.frames.draw(rng), crop=crop, timeout_s=cfg.decode_timeout_s
+            )
+        video_TCHW = to_model_input(
+            torch.from_numpy(frames_THWC).permute(0, 3, 1, 2), (plan.height, plan.width), cfg
+        )
+        return {
+            "video": video_TCHW.permute(1, 0, 2, 3).contiguous(),
+            "captions": list(entry.captions),
+            "aesthetic": entry.aesthetic,
+            "path": entry.path,
+            "bucket": plan.bucket,
+            "is_image": entry.is_image,
+            "index": index,
+        }
+
+    def _load_with_time_limit(self, index: int) -> dict[str, Any]:
+        """`load` on a daemon watchdog thread: the decoder checks the limit itself between frames; this
+        also catches a call that hangs inside libav (the stuck thread is left behind, it cannot be killed,
+        and being a daemon it does not block the process from exiting)."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["sample"] = self.load(index)
+            except Exception as e:  # handed to the caller's thread below
+                result["error"] = e
+
+        thread = threading.Thread(target=target, name=f"video-load-{index}", daemon=True)
+        thread.start()
+        thread.join(self.watchdog_timeout_s)
+        if thread.is_alive():
+            raise DecodeTimeout(
+                f"{self.plans[index].entry.path}: loading took over {self.watchdog_timeout_s:.1f} s"
+            )
+        if "error" in result:
+            raise result["error"]
+        return result["sample"]
+
+
+def build_dataloader(
+    dataset: VideoTextDataset,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int = 0,
+    global_batch_size: int | None = None,
+    num_workers: int | None = None,
+    collate_fn=None,
+) -> DataLoader:
+    """DataLoader over `dataset` with the megabatch bucket sampler and the one-shape collate.
+
+    Settings come from `dataset.cfg` (batch size, seed, grouping, bucket threshold, workers);
+    `num_workers` overrides cfg.num_workers. Start each epoch with `set_epoch(loader, epoch)`.
+    """
+    cfg = dataset.cfg
+    sampler = MegabatchBucketSampler(
+        dataset.bucket_keys,
+        batch_size=cfg.batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.seed,
+        group_data=cfg.group_data,
+        drop_threshold=cfg.bucket_drop_threshold,
+        global_batch_size=global_batch_size,
+        consumed_samples=consumed_samples,
+    )
+    dataset.set_epoch(sampler.epoch)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn or VideoCollate(cfg.vae_stride_t, cfg.vae_stride_hw),
+        persistent_workers=False,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of a `build_dataloader` loader's sampler and dataset (before iterating it)."""
+    loader.batch_sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)

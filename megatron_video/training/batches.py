@@ -1,0 +1,157 @@
+"""Micro-batches for the objective: decoded videos + captions -> latents and model conditions.
+
+The frozen encoders run here (no gradients): the VAE maps videos (and, for I2V, the masked
+videos) to normalised latents, the text encoder(s) map the processed captions to token states
+and a pooled vector. Every random choice of a sample (caption pick, CFG dropout, aesthetic
+phrase, I2V mask type, condition noise, posterior sample) draws from a generator keyed by the
+sample's dataset index and the epoch, so a resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from megatron_video.config.schema import ExperimentConfig
+from megatron_video.data.dataset import VideoTextDataset, build_dataloader, set_epoch
+from megatron_video.data.i2v_masks import I2VMasker, compress_mask
+from megatron_video.data.text import CaptionProcessor
+from megatron_video.models.text.encoders import CONTEXT, POOLED, TextEncoderPair
+from megatron_video.training.loop import TrainBatch
+
+
+def sample_generator(seed: int, epoch: int, index: int, salt: int) -> torch.Generator:
+    """Generator for one sample's random choices of one kind (`salt`)."""
+    return torch.Generator().manual_seed(((seed * 7_919 + epoch) * 1_000_003 + index) * 31 + salt)
+
+
+class EncodedBatches:
+    """BatchSource over a video dataset with online VAE and text encoding."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dataset: VideoTextDataset,
+        vae,
+        text_encoder: TextEncoderPair,
+        dp_rank: int,
+        dp_size: int,
+        task: str = "t2v",
+        consumed_samples: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.cfg, self.dataset, self.vae, self.text = cfg, dataset, vae, text_encoder
+        self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
+        self.captions = CaptionProcessor.from_encoders(cfg.captions, cfg.text)
+        self.masker = I2VMasker(cfg.i2v) if task == "i2v" else None
+        self.consumed_samples = consumed_samples
+        self._iterator: Iterator | None = None
+        self._epoch = None
+
+    # -- position ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Samples consumed by all data-parallel ranks together."""
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after `consumed_samples` (the sampler skips exactly that many)."""
+        self.consumed_samples = state["consumed_samples"]
+        self._iterator = None
+
+    def _next_raw(self) -> dict:
+        if self._iterator is None:
+            loader = build_dataloader(
+                self.dataset,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                consumed_samples=self.consumed_samples,
+                global_batch_size=self.cfg.training.global_batch_size,
+            )
+            self._epoch = loader.batch_sampler.epoch
+            self._iterator = iter(loader)
+        try:
+            raw = next(self._iterator)
+        except StopIteration:
+            # The sampler rolls into the next epoch from its consumed-sample position.
+            self._iterator = None
+            return self._next_raw()
+        self.consumed_samples += len(raw["index"]) * self.dp_size
+        return raw
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def next_batch(self) -> TrainBatch:
+        raw = self._next_raw()
+        seed, epoch = self.cfg.training.seed, self._epoch or 0
+        indices = [int(i) for i in raw["index"]]
+        video = raw["video"].to(self.device)
+
+        # 1. Captions: pick, notice, clean, CFG dropout, tokenise, encode.
+        texts = []
+        for i, index in enumerate(indices):
+            gen = sample_generator(seed, epoch, index, 1)
+            texts.append(
+                self.captions.caption(
+                    raw["captions"][i], gen, aesthetic=raw["aesthetic"][i], is_video=not raw["is_image"][i]
+                )
+            )
+        tokens = self.captions.tokenize(texts)
+        emb = self.text({role: {k: v.to(self.device) for k, v in t.items()} for role, t in tokens.items()})
+        cond = {"text_BLC": emb.hidden_BLC, "text_mask_BL": emb.mask_BL}
+        cond["pooled_BP"] = emb.pooled_BP
+
+        # 2. Latents (posterior samples drawn per sample).
+        x0 = self._encode(video, indices, epoch, salt=2)
+        loss_mask = raw["video_mask"].to(self.device)
+        cond["video_mask_BTHW"] = loss_mask
+
+        # 3. I2V: masked video -> latents, pixel mask -> latent-grid mask channels.
+        if self.masker is not None:
+            masked, masks = [], []
+            for i, index in enumerate(indices):
+                c = self.masker(video[i], sample_generator(seed, epoch, index, 3))
+                masked.append(c.masked_video_CTHW)
+                masks.append(c.mask_1THW)
+            masked_BCTHW, mask_B1THW = torch.stack(masked), torch.stack(masks)
+            if self.cfg.i2v.condition_noise:
+                gens = [sample_generator(seed, epoch, index, 4) for index in indices]
+                masked_BCTHW = torch.cat(
+                    [
+                        self.masker.add_noise(masked_BCTHW[i : i + 1], mask_B1THW[i : i + 1], g)
+                        for i, g in enumerate(gens)
+                    ]
+                )
+            cond["masked_latents_BCTHW"] = self._encode(masked_BCTHW, indices, epoch, salt=5, sample=False)
+            cond["inpaint_mask_BMTHW"] = compress_mask(
+                mask_B1THW, self.vae.temporal_stride, self.vae.spatial_stride, self.vae.spatial_stride
+            )
+        return TrainBatch(x0, cond, loss_mask)
+
+    def _encode(self, video_BCTHW, indices, epoch, salt, sample=None):
+        sample = self.cfg.vae.sample_posterior if sample is None else sample
+        posterior = self.vae.encode(video_BCTHW)
+        if not sample:
+            z = posterior.mean
+        else:
+            noise = torch.cat(
+                [
+                    torch.randn(
+                        (1, *posterior.mean.shape[1:]),
+                        generator=sample_generator(self.cfg.training.seed, epoch, index, salt),
+                    )
+                    for index in indices
+                ]
+            ).to(posterior.mean.device)
+            z = posterior.mean + posterior.std * noise
+        return (z - self.vae.shift) * self.vae.scale
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the loader at `epoch` (used by tools that iterate epochs explicitly)."""
+        self._iterator = None
+        self._epoch = epoch
+
+
+__all__ = ["CONTEXT", "POOLED", "EncodedBatches", "sample_generator", "set_epoch"]

@@ -1,0 +1,321 @@
+"""One training stage end to end, and curricula of stages.
+
+A stage: validated config -> process groups -> frozen VAE and text encoder -> SUV denoiser
+(initialised from the previous stage's exported weights through the needed transition) ->
+Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
+(and one on SIGTERM) -> final checkpoint, flat export of raw and EMA weights, loss curve.
+
+Transitions between stages happen on flat (TP-merged) weights, so any two layouts connect:
+image -> video and fps / resolution changes need no weight change; dense -> SUV re-stages the
+blocks and adds identity-initialised skips; T2V -> I2V adds the zero-initialised inpainting
+embeddings, so the I2V model starts equal to the T2V one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_video.config.encoders import VAESection
+from megatron_video.config.loader import read_yaml_with_bases
+from megatron_video.config.schema import ExperimentConfig, build_config
+from megatron_video.errors import ConfigError
+from megatron_video.models.suv.config import SUVConfig
+from megatron_video.models.suv.model import SUVModel
+from megatron_video.models.suv.state_dict_adapter import convert_dense_to_suv
+from megatron_video.training import checkpoint as ckpt
+from megatron_video.training.export import gather_full_state_dict, load_flat, load_full_into, save_flat
+from megatron_video.training.loop import StopSignal, Trainer
+from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
+from megatron_video.training.runtime import Runtime, init_distributed, setup_parallel
+
+logger = logging.getLogger(__name__)
+
+
+# -- frozen encoders ------------------------------------------------------------------------------
+
+
+def build_vae(section: VAESection, device: torch.device):
+    """The frozen VAE with its weights (eval, no gradients)."""
+    if section.kind == "causal_vae":
+        from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
+        from megatron_video.models.causal_vae.state_dict_adapter import load_open_sora_plan as load_osp
+
+        cfg = CausalVAEConfig.from_flavor(section.flavor)
+        vae = CausalVAE(cfg)
+    else:
+        from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+        from megatron_video.models.wfvae.state_dict_adapter import load_open_sora_plan as load_osp
+
+        cfg = WFVAEConfig.from_flavor(section.flavor, chunked=section.chunked)
+        vae = WFVAE(cfg)
+    if section.checkpoint:
+        path = Path(section.checkpoint)
+        if path.suffix == ".safetensors" or path.with_suffix(".safetensors").is_file():
+            state, _ = load_flat(path)
+        else:
+            _, state = load_osp(path, cfg, prefer_ema=section.use_ema)
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise KeyError(f"VAE weights {path}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    vae.eval().requires_grad_(False)
+    return vae.to(device)
+
+
+def build_text_encoder(cfg: ExperimentConfig, device: torch.device):
+    """The frozen text encoder pair."""
+    from megatron_video.models.text.encoders import TextEncoderPair
+
+    return TextEncoderPair.from_config(cfg.text, device)
+
+
+# -- the denoiser and its initial weights -----------------------------------------------------------
+
+
+def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVModel:
+    """SUV model for this rank (I2V adds the inpainting conditioning)."""
+    mask_channels = None
+    if task == "i2v":
+        from megatron_video.config.schema import vae_strides
+
+        mask_channels = vae_strides(cfg.vae)[0]
+    model = SUVModel(
+        cfg.model, runtime.plan, cfg.runtime.attention_backend, inpaint_mask_channels=mask_channels
+    )
+    return model.to(runtime.device)
+
+
+def initialize_from(model: SUVModel, runtime: Runtime, cfg: ExperimentConfig, source: str) -> None:
+    """Load weights exported by an earlier stage (or any flat export), applying the transition."""
+    full, saved_cfg = load_flat(source)
+    if saved_cfg is not None:
+        prev = SUVConfig(**saved_cfg)
+        if prev.num_layers != cfg.model.num_layers or prev.skip_connection != cfg.model.skip_connection:
+            if prev.skip_connection:
+                raise ConfigError(
+                    f"cannot re-stage {source}: it already has U-skips ({prev.num_layers}); only a dense "
+                    "model without skips converts to a new stage layout"
+                )
+            full = convert_dense_to_suv(full, prev, cfg.model, model)
+    new = load_full_into(model, runtime.plan, full)
+    unexpected_new = [k for k in new if not k.startswith(("inpaint.", "skip_linears", "skip_norms"))]
+    if unexpected_new:
+        raise KeyError(f"{source} lacks weights for {sorted(unexpected_new)}")
+    if runtime.is_main:
+        logger.info(
+            "initialised from %s (new modules kept as built: %s)",
+            source,
+            sorted({k.split(".")[0] for k in new}),
+        )
+
+
+# -- one stage ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves behind."""
+
+    stage_dir: Path
+    final_model: Path
+    final_ema: Path | None
+    losses: list[float] = field(default_factory=list)
+
+
+def run_stage(
+    cfg: ExperimentConfig, task: str, stage_dir: str | Path, runtime: Runtime | None = None
+) -> StageResult:
+    """Train one stage into `stage_dir` (checkpoints/, tensorboard/, final_*.safetensors)."""
+    from megatron_video.data.dataset import VideoTextDataset
+    from megatron_video.training.batches import EncodedBatches
+
+    stage_dir = Path(stage_dir)
+    t = cfg.training
+    t.checkpoint.save_dir = t.checkpoint.save_dir or str(stage_dir / "checkpoints")
+    t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
+    t.logging.loss_curve_png = t.logging.loss_curve_png or str(stage_dir / "loss_curve.png")
+    runtime = setup_parallel(cfg, runtime or init_distributed(cfg))
+    torch.manual_seed(t.seed)
+
+    model = build_denoiser(cfg, runtime, task)
+    resume_dir = t.checkpoint.load_dir or t.checkpoint.save_dir
+    has_checkpoint = ckpt.latest_checkpoint(resume_dir) is not None
+    if t.checkpoint.init_from and not has_checkpoint:
+        initialize_from(model, runtime, cfg, t.checkpoint.init_from)
+    trainer = Trainer(cfg, runtime, model)
+    vae = build_vae(cfg.vae, runtime.device)
+    text = build_text_encoder(cfg, runtime.device)
+    dataset = VideoTextDataset(cfg.data)
+    batches = EncodedBatches(
+        cfg, dataset, vae, text, runtime.dp_rank, runtime.dp_size, task, device=runtime.device
+    )
+
+    if has_checkpoint:
+        state = ckpt.load_checkpoint(
+            resume_dir, trainer.model_chunks, trainer.optimizer, trainer.scheduler, trainer.ema
+        )
+        trainer.load_train_state(state)
+        batches.load_state_dict(state["data"])
+        if runtime.is_main:
+            print(f"resumed from {resume_dir} at step {trainer.step}", flush=True)
+
+    log = MetricsLogger(runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval)
+    stop = StopSignal()
+    losses = []
+    try:
+        while trainer.step < t.steps:
+            metrics = trainer.train_step(batches)
+            losses.append(metrics["loss"])
+            tokens, flops = _step_work(cfg, batches)
+            log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
+            stopping = stop.agreed()
+            if trainer.step % t.checkpoint.save_interval == 0 or trainer.step == t.steps or stopping:
+                _save(trainer, batches, runtime, cfg)
+            if stopping:
+                if runtime.is_main:
+                    print(f"SIGTERM: saved step {trainer.step} and stopping", flush=True)
+                raise SystemExit(143)
+    finally:
+        stop.restore()
+        log.close(t.logging.loss_curve_png, f"{stage_dir.name} loss")
+
+    final_model, final_ema = _export(trainer, runtime, cfg, stage_dir)
+    return StageResult(stage_dir, final_model, final_ema, losses)
+
+
+def _step_work(cfg: ExperimentConfig, batches) -> tuple[int, float]:
+    """(video tokens, model FLOPs) of one global batch at the configured largest shape."""
+    s, m = cfg.shape, cfg.model
+    lat_t = s.latent_frames
+    n = lat_t * (s.height // s.vae_stride_hw // m.patch_size) * (s.width // s.vae_stride_hw // m.patch_size)
+    per_sample = model_flops_per_sample(m.total_layers, m.hidden_size, n, s.text_length, _layer_sparsity(m))
+    return n * cfg.training.global_batch_size, per_sample * cfg.training.global_batch_size
+
+
+def _layer_sparsity(m: SUVConfig) -> list[int]:
+    return [k for layers, k in zip(m.num_layers, m.sparse_n) for _ in range(layers)]
+
+
+def _save(trainer: Trainer, batches, runtime: Runtime, cfg: ExperimentConfig) -> None:
+    state = trainer.train_state()
+    state["data"] = batches.state_dict()
+    state["config"] = dataclasses.asdict(cfg.model)
+    state["parallel"] = dataclasses.asdict(cfg.parallel)
+    ckpt.save_checkpoint(
+        cfg.training.checkpoint.save_dir,
+        trainer.step,
+        trainer.model_chunks,
+        trainer.optimizer,
+        trainer.scheduler,
+        state,
+        ema=trainer.ema,
+        keep_last=cfg.training.checkpoint.keep_last,
+    )
+
+
+def _export(
+    trainer: Trainer, runtime: Runtime, cfg: ExperimentConfig, stage_dir: Path
+) -> tuple[Path, Path | None]:
+    """Flat raw and EMA weights of the final model (rank 0 writes)."""
+    raw = gather_full_state_dict(trainer.model, runtime.plan)
+    ema = gather_full_state_dict(trainer.model, runtime.plan, trainer.ema.shadow) if trainer.ema else None
+    model_path, ema_path = stage_dir / "final_model.safetensors", stage_dir / "final_ema.safetensors"
+    if runtime.is_main and runtime.plan.cp_rank == 0:
+        save_flat(model_path, raw, cfg.model)
+        if ema is not None:
+            save_flat(ema_path, ema, cfg.model)
+    if dist.is_initialized():
+        dist.barrier()
+    return model_path, (ema_path if ema is not None else None)
+
+
+# -- curricula --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSpec:
+    """One entry of a curriculum file."""
+
+    name: str
+    config: str
+    task: str = "t2v"
+    steps: int | None = None
+    init_from: str | None = "previous"
+    use_ema: bool = True
+    overrides: list[str] = field(default_factory=list)
+
+
+def read_curriculum(path: str | Path) -> tuple[list[StageSpec], Path]:
+    """Stages and output directory of a curriculum YAML (stage configs relative to it)."""
+    path = Path(path)
+    data = read_yaml_with_bases(path)
+    unknown = set(data) - {"stages", "output_dir"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown curriculum keys {sorted(unknown)}; use 'stages' and 'output_dir'")
+    stages = []
+    for i, entry in enumerate(data.get("stages") or []):
+        try:
+            spec = StageSpec(**entry)
+        except TypeError as e:
+            raise ConfigError(f"{path}: stage {i}: {e}") from None
+        if spec.task not in ("t2v", "i2v"):
+            raise ConfigError(f"{path}: stage '{spec.name}' has task '{spec.task}'; use t2v or i2v")
+        spec.config = str((path.parent / spec.config).resolve())
+        stages.append(spec)
+    if not stages:
+        raise ConfigError(f"{path}: no stages listed")
+    return stages, Path(data.get("output_dir", "outputs") or "outputs")
+
+
+def stage_configs(
+    path: str | Path, extra_overrides: list[str] | None = None
+) -> list[tuple[StageSpec, ExperimentConfig, Path]]:
+    """Every stage's validated config (all checked before any process group starts)."""
+    stages, out = read_curriculum(path)
+    result, previous = [], None
+    for spec in stages:
+        stage_dir = out / spec.name
+        overrides = list(spec.overrides) + list(extra_overrides or [])
+        if spec.steps is not None:
+            overrides.append(f"training.steps={spec.steps}")
+        if spec.init_from == "previous" and previous is not None:
+            weights = "final_ema.safetensors" if spec.use_ema else "final_model.safetensors"
+            overrides.append(f"training.checkpoint.init_from={previous / weights}")
+        elif spec.init_from not in (None, "previous"):
+            overrides.append(f"training.checkpoint.init_from={spec.init_from}")
+        cfg = build_config(read_yaml_with_bases(spec.config), overrides)
+        result.append((spec, cfg, stage_dir))
+        previous = stage_dir
+    return result
+
+
+def run_curriculum(path: str | Path, extra_overrides: list[str] | None = None) -> list[StageResult]:
+    """Run the stages in order; a stage that already exported its final weights is skipped."""
+    plans = stage_configs(path, extra_overrides)
+    runtime, results = None, []
+    for spec, cfg, stage_dir in plans:
+        done = stage_dir / "final_model.safetensors"
+        if done.is_file():
+            if runtime is None or runtime.is_main:
+                print(f"stage {spec.name}: already finished ({done})", flush=True)
+            results.append(StageResult(stage_dir, done, stage_dir / "final_ema.safetensors"))
+            continue
+        if runtime is None:
+            runtime = init_distributed(cfg)
+        if runtime.is_main:
+            print(
+                f"=== stage {spec.name} ({spec.task}): {cfg.training.steps} steps -> {stage_dir}", flush=True
+            )
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "config.yaml").write_text(
+                yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))))
+            )
+        results.append(run_stage(cfg, spec.task, stage_dir, runtime))
+    return results
