@@ -146,6 +146,11 @@ class ExperimentConfig:
         self.captions.validate()
         if self.data.data_list is not None:
             self.data.validate()
+            if self.parallel.context_parallel > 1 and self.data.media != "videos":
+                raise ConfigError(
+                    f"parallel.context_parallel={self.parallel.context_parallel} splits latent frames, and an image has "
+                    "one; set data.media=videos for this stage (v1.5 trains video stages on videos only)"
+                )
             self.text.validate()
             text_width = _text_width(self.text)
             if text_width is not None and text_width != self.model.caption_channels:

@@ -24,6 +24,10 @@ class DataConfig:
     """Path of `data.txt`: one `<media root>,<annotation file>` per line. Relative paths on a line are
     read relative to the folder of `data.txt`. Required to build a dataset (not to validate)."""
 
+    media: Literal["all", "videos", "images"] = "all"
+    """Which entries a stage trains on: v1.5's image stages use images, its video stages videos only.
+    Context-parallel stages need videos (an image has one latent frame, which cannot be split)."""
+
     check_files_exist: bool = True
     """Stat every media file while reading annotations and skip (count) the missing ones. Turn off for
     very large lists on slow file systems; a missing file then fails at load time and is replaced."""

@@ -93,6 +93,9 @@ def plan_samples(entries: Sequence[Entry], cfg: DataConfig) -> tuple[list[Sample
     plans: list[SamplePlan] = []
     skipped: Counter = Counter()
     for entry in entries:
+        if (cfg.media == "videos" and entry.is_image) or (cfg.media == "images" and not entry.is_image):
+            skipped["image_excluded" if entry.is_image else "video_excluded"] += 1
+            continue
         crop = entry.crop if cfg.use_crop else None
         h, w = (crop[3] - crop[2], crop[1] - crop[0]) if crop else (entry.height, entry.width)
         size = plan_resolution(h, w, cfg)
