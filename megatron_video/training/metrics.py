@@ -27,10 +27,17 @@ def model_flops_per_sample(
 class MetricsLogger:
     """Collects per-step metrics on the main rank and writes them out."""
 
-    def __init__(self, enabled: bool, tensorboard_dir: str | None = None, log_interval: int = 1):
+    def __init__(
+        self,
+        enabled: bool,
+        tensorboard_dir: str | None = None,
+        log_interval: int = 1,
+        jsonl_path: str | None = None,
+    ):
         self.enabled = enabled
         self.log_interval = log_interval
         self.history: list[dict] = []
+        self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         self._writer = None
         self._last = time.perf_counter()
         if enabled and tensorboard_dir:
@@ -65,6 +72,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.history.append(metrics)
+        if self.jsonl_path is not None:
+            import json
+
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         if self._writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "step":

@@ -166,7 +166,9 @@ def run_stage(
         if runtime.is_main:
             print(f"resumed from {resume_dir} at step {trainer.step}", flush=True)
 
-    log = MetricsLogger(runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval)
+    log = MetricsLogger(
+        runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval, str(stage_dir / "metrics.jsonl")
+    )
     stop = StopSignal()
     losses = []
     try:

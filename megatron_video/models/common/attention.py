@@ -47,7 +47,9 @@ def joint_skiparse_attention(
 
     # 1. Pad the video to a multiple of k^2 and regroup into k sub-sequences (batch j * B + b).
     pad = skiparse_padding(n, kk) if kk > 1 else 0
-    video = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (q_NBhd, k_NBhd, v_NBhd)]
+    video = [q_NBhd, k_NBhd, v_NBhd]
+    if pad:
+        video = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in video]
     if kk > 1:
         video = [skiparse_regroup(t, kk, group) for t in video]
         video_keep = skiparse_key_mask(video_keep_BN, kk, group)

@@ -1,0 +1,460 @@
+"""Skiparse attention against dense attention on CPU: measured speed-ups and why they fall short of k.
+
+Times `joint_skiparse_attention` (forward + backward) with sparsity k against the same call with
+k = 1 (dense joint attention) on the same video + text sequence, then an `SUVBlock` with k against
+the same block (same weights) with k = 1. All variants of one shape run round-robin, in a rotated
+order each round, so machine noise reaches dense and sparse alike; every time is a median over
+rounds, after one untimed warm-up run of each variant. Every timed run is under torch.profiler,
+which splits it into time inside the SDPA kernels (forward and backward), inside other ops
+(padding, regrouping, the [video ; text] concatenation, permutes, and their backward) and in no
+op; the summary explains each speed-up under 0.7 k from these measurements.
+
+    python benchmarks/attention.py                  # default sizes, about 10 minutes on 2 cores
+    python benchmarks/attention.py --quick          # under a minute: checks that the script works
+    python benchmarks/attention.py --json out.json  # also write every number as JSON
+
+Shapes: N video tokens, L text tokens, B batch, h heads, d head dim, k sparsity, D block width.
+Video tensors are sequence-first [N, B, h, d], text [L, B, h, d], as the attention function takes
+them. FLOP counts are nominal matmul FLOPs: forward 4 B h S_q S_k d, backward 2.5 x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_video.models.common.attention import joint_skiparse_attention
+from megatron_video.models.common.rope import rope_3d_tables
+from megatron_video.models.common.skiparse import skiparse_padding
+from megatron_video.models.suv.model import SUVBlock
+from megatron_video.parallel.setup import build_parallel_plan, initialize_model_parallel
+from megatron_video.testing.models import tiny_config
+
+KERNEL_EVENT = "scaled_dot_product"
+"""Substring of the profiler events of the SDPA kernels, forward and backward."""
+
+MODES = {"single": False, "group": True}
+"""Skiparse mode name -> the `group` flag of the attention call."""
+
+
+@dataclass
+class Sample:
+    """One profiled run: wall seconds, SDPA-kernel seconds, other ops' seconds (by op name)."""
+
+    wall_s: float
+    kernel_s: float
+    other_ops: dict[str, float]
+
+
+@dataclass
+class Run:
+    """One variant at one shape, medians over rounds."""
+
+    median_s: float
+    min_s: float
+    """Fastest round, wall seconds."""
+
+    kernel_s: float
+    """Seconds inside the SDPA kernels, forward and backward."""
+
+    other_ops_s: float
+    """Seconds inside every other op: pads, regroup copies, cats, zero-fills, sums, linears, ..."""
+
+    unattributed_s: float
+    """Wall seconds in no op: Python and the autograd engine."""
+
+    top_other: list[tuple[str, float]]
+    """The three other ops with the most seconds (mean over rounds)."""
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample]) -> Run:
+        ops = {
+            name: sum(s.other_ops.get(name, 0.0) for s in samples) / len(samples)
+            for name in samples[0].other_ops
+        }
+        return cls(
+            median_s=statistics.median(s.wall_s for s in samples),
+            min_s=min(s.wall_s for s in samples),
+            kernel_s=statistics.median(s.kernel_s for s in samples),
+            other_ops_s=statistics.median(sum(s.other_ops.values()) for s in samples),
+            unattributed_s=statistics.median(
+                s.wall_s - s.kernel_s - sum(s.other_ops.values()) for s in samples
+            ),
+            top_other=sorted(ops.items(), key=lambda item: -item[1])[:3],
+        )
+
+
+def profiled(step: Callable[[], None]) -> Sample:
+    """Run `step` once under the profiler and split its wall time by op."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernel = sum(e.self_cpu_time_total for e in events if KERNEL_EVENT in e.key) / 1e6
+    other = {e.key: e.self_cpu_time_total / 1e6 for e in events if KERNEL_EVENT not in e.key}
+    return Sample(wall, kernel, other)
+
+
+def run_round_robin(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, Run]:
+    """Warm every step up once, then run each once per round in a rotated order, every run profiled."""
+    names = list(steps)
+    for name in names:
+        steps[name]()  # the first call at a new shape pays one-off allocation costs
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(profiled(steps[name]))
+    return {name: Run.from_samples(samples[name]) for name in names}
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
+    """Nominal forward + backward matmul FLOPs of self-attention over `seq` tokens."""
+    return 3.5 * 4 * batch * heads * seq * seq * head_dim
+
+
+def attention_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes) -> dict:
+    """Forward + backward closures of joint attention: 'dense' (k = 1) and '<mode> k=<k>'."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    inputs = [rand(n, 1, heads, head_dim) for _ in range(3)] + [
+        rand(num_text, 1, heads, head_dim) for _ in range(3)
+    ]
+    grads = (
+        torch.randn(n, 1, heads, head_dim, generator=gen),
+        torch.randn(num_text, 1, heads, head_dim, generator=gen),
+    )
+    video_keep_BN = torch.ones(1, n, dtype=torch.bool)
+    text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
+
+    def make(sparse_k: int, group: bool) -> Callable[[], None]:
+        def step() -> None:
+            out = joint_skiparse_attention(*inputs, video_keep_BN, text_keep_BL, sparse_k, group)
+            torch.autograd.grad(out, inputs, grads)
+
+        return step
+
+    steps = {"dense": make(1, False)}
+    for mode in modes:
+        for k in ks:
+            steps[f"{mode} k={k}"] = make(k, MODES[mode])
+    return steps
+
+
+def block_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes) -> dict:
+    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<k>', same weights."""
+    cfg = tiny_config(num_heads=heads, head_dim=head_dim)
+    plan = build_parallel_plan(cfg)
+    dense = SUVBlock(cfg.model, plan, sparse_k=1, group=False)
+    gen = torch.Generator().manual_seed(0)
+    d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
+    x_SBD = torch.randn(n, 1, d, generator=gen).requires_grad_()
+    c_LBD = torch.randn(num_text, 1, d, generator=gen).requires_grad_()
+    temb_BE = torch.randn(1, e, generator=gen).requires_grad_()
+    grads = (torch.randn(n, 1, d, generator=gen), torch.randn(num_text, 1, d, generator=gen))
+    side = 32
+    while n % (side * side):
+        side //= 2
+    rope = rope_3d_tables((n // (side * side), side, side), head_dim)
+    video_keep_BN = torch.ones(1, n, dtype=torch.bool)
+    text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
+
+    def make(block: SUVBlock) -> Callable[[], None]:
+        wrt = [x_SBD, c_LBD, temb_BE, *block.parameters()]
+
+        def step() -> None:
+            out = block(x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL, "sdpa")
+            torch.autograd.grad(out, wrt, grads, allow_unused=True)
+
+        return step
+
+    steps = {"dense": make(dense)}
+    for mode in modes:
+        for k in ks:
+            block = SUVBlock(cfg.model, plan, sparse_k=k, group=MODES[mode])
+            block.load_state_dict(dense.state_dict())
+            steps[f"{mode} k={k}"] = make(block)
+    return steps
+
+
+def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head_dim: int, ks, modes):
+    """Table rows with the theory (FLOP ratio with the text keys) and the measured split."""
+    dense = runs["dense"]
+    dense_flops = attention_flops(1, heads, n + num_text, head_dim)
+    rows = []
+    for mode in modes:
+        for k in ks:
+            sparse = runs[f"{mode} k={k}"]
+            seq_j = (n + skiparse_padding(n, k)) // k + num_text
+            flop_ratio = dense_flops / attention_flops(k, heads, seq_j, head_dim)
+            rows.append(
+                dict(
+                    tokens=n,
+                    text_len=num_text,
+                    head_dim=head_dim,
+                    heads=heads,
+                    mode=mode,
+                    k=k,
+                    dense_ms=1e3 * dense.median_s,
+                    sparse_ms=1e3 * sparse.median_s,
+                    speedup=dense.median_s / sparse.median_s,
+                    speedup_per_k=dense.median_s / sparse.median_s / k,
+                    sub_sequence=seq_j,
+                    flop_ratio=flop_ratio,
+                    speedup_of_min=dense.min_s / sparse.min_s,
+                    kernel_speedup=dense.kernel_s / sparse.kernel_s,
+                    dense_kernel_ms=1e3 * dense.kernel_s,
+                    sparse_kernel_ms=1e3 * sparse.kernel_s,
+                    dense_other_ops_ms=1e3 * dense.other_ops_s,
+                    sparse_other_ops_ms=1e3 * sparse.other_ops_s,
+                    dense_unattributed_ms=1e3 * dense.unattributed_s,
+                    sparse_unattributed_ms=1e3 * sparse.unattributed_s,
+                    dense_gflops=dense_flops / dense.kernel_s / 1e9,
+                    sparse_gflops=dense_flops / flop_ratio / sparse.kernel_s / 1e9,
+                    sparse_top_other=sparse.top_other,
+                )
+            )
+    return rows
+
+
+def block_rows(runs: dict[str, Run], n: int, heads: int, head_dim: int, ks, modes):
+    """Block table rows with the SDPA share of the dense block and the bound it implies."""
+    dense = runs["dense"]
+    share = dense.kernel_s / dense.median_s
+    rows = []
+    for mode in modes:
+        for k in ks:
+            sparse = runs[f"{mode} k={k}"]
+            rows.append(
+                dict(
+                    tokens=n,
+                    heads=heads,
+                    head_dim=head_dim,
+                    mode=mode,
+                    k=k,
+                    dense_ms=1e3 * dense.median_s,
+                    sparse_ms=1e3 * sparse.median_s,
+                    speedup=dense.median_s / sparse.median_s,
+                    speedup_per_k=dense.median_s / sparse.median_s / k,
+                    speedup_of_min=dense.min_s / sparse.min_s,
+                    dense_sdpa_share=share,
+                    bound_if_attention_free=1.0 / (1.0 - share),
+                    kernel_only_speedup=dense.median_s / (dense.median_s - dense.kernel_s + sparse.kernel_s),
+                    dense_kernel_ms=1e3 * dense.kernel_s,
+                    sparse_kernel_ms=1e3 * sparse.kernel_s,
+                )
+            )
+    return rows
+
+
+def print_attention_table(rows) -> None:
+    print(
+        f"{'tokens':>6} {'d':>4} {'h':>2} {'mode':>6} {'k':>2} {'dense ms':>10} {'sparse ms':>10} "
+        f"{'speed-up':>8} {'/ k':>5} {'min x':>5} {'FLOP x':>6} {'kernel x':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['tokens']:>6} {r['head_dim']:>4} {r['heads']:>2} {r['mode']:>6} {r['k']:>2} "
+            f"{r['dense_ms']:>10.1f} {r['sparse_ms']:>10.1f} {r['speedup']:>8.2f} "
+            f"{r['speedup_per_k']:>5.2f} {r['speedup_of_min']:>5.2f} {r['flop_ratio']:>6.2f} "
+            f"{r['kernel_speedup']:>8.2f}"
+        )
+
+
+def print_block_table(rows) -> None:
+    print(
+        f"{'tokens':>6} {'width':>8} {'mode':>6} {'k':>2} {'dense ms':>10} {'sparse ms':>10} "
+        f"{'speed-up':>8} {'/ k':>5} {'min x':>5} {'SDPA share':>10} {'if SDPA only':>12} {'cap':>5}"
+    )
+    for r in rows:
+        width = f"{r['heads']}x{r['head_dim']}"
+        print(
+            f"{r['tokens']:>6} {width:>8} {r['mode']:>6} {r['k']:>2} {r['dense_ms']:>10.1f} "
+            f"{r['sparse_ms']:>10.1f} {r['speedup']:>8.2f} {r['speedup_per_k']:>5.2f} "
+            f"{r['speedup_of_min']:>5.2f} {100 * r['dense_sdpa_share']:>9.0f}% "
+            f"{r['kernel_only_speedup']:>12.2f} {r['bound_if_attention_free']:>5.2f}"
+        )
+
+
+def why(attn_rows, blk_rows) -> list[str]:
+    """Explanations computed from the measurements: speed-up = k x text x kernel x copies."""
+    lines = [
+        "Attention rows under 0.7 k, split into measured factors (medians over rounds):",
+        "  speed-up = k x text x kernel x copies, where",
+        "    text   = FLOP ratio / k: every sub-sequence also attends to the L text keys (exact, not measured);",
+        "    kernel = SDPA-kernel speed-up / FLOP ratio: kernel efficiency at the shorter sub-sequence;",
+        "    copies = speed-up / SDPA-kernel speed-up: time outside the kernel (pad, regroup, [video ; text]",
+        "             cat, permutes, text repeat / mean and their backward; 'unattributed' is time in no op:",
+        "             Python and the autograd engine). Time the process waits for a core lands in whichever",
+        "             op is running, so on a loaded machine every factor carries that noise.",
+    ]
+    short = [r for r in attn_rows if r["speedup"] < 0.7 * r["k"]]
+    factors = {
+        "text": [r["flop_ratio"] / r["k"] for r in short],
+        "kernel": [r["kernel_speedup"] / r["flop_ratio"] for r in short],
+        "copies": [r["speedup"] / r["kernel_speedup"] for r in short],
+    }
+    for i, r in enumerate(short):
+        text, kernel, copies = (factors[name][i] for name in factors)
+        worst = min(
+            ("text keys", text), ("kernel efficiency", kernel), ("copies", copies), key=lambda x: x[1]
+        )
+        top = ", ".join(f"{name} {1e3 * sec:.0f}" for name, sec in r["sparse_top_other"])
+        lines += [
+            f"  N={r['tokens']} d={r['head_dim']} {r['mode']} k={r['k']}: {r['speedup']:.2f}x = {r['k']} x text "
+            f"{text:.2f} x kernel {kernel:.2f} x copies {copies:.2f}; largest loss: {worst[0]}",
+            f"      SDPA {r['dense_gflops']:.0f} GFLOP/s at S={r['tokens'] + r['text_len']} (batch 1) vs "
+            f"{r['sparse_gflops']:.0f} at S={r['sub_sequence']} (batch {r['k']}); other ops "
+            f"{r['sparse_other_ops_ms']:.0f} ms sparse vs {r['dense_other_ops_ms']:.0f} dense (ms: {top}); "
+            f"unattributed {r['sparse_unattributed_ms']:.0f} vs {r['dense_unattributed_ms']:.0f} ms",
+        ]
+    if not short:
+        lines.append("  (none: every measured speed-up reached 0.7 k)")
+    for name, values in factors.items():
+        if values:
+            lines.append(
+                f"  {name:>6} factor over these {len(values)} rows: median {statistics.median(values):.2f}, "
+                f"range {min(values):.2f}..{max(values):.2f}"
+            )
+    noisy = [r for r in attn_rows + blk_rows if abs(r["speedup_of_min"] / r["speedup"] - 1) > 0.25]
+    if noisy:
+        lines.append(
+            f"  Noise: in {len(noisy)} of {len(attn_rows) + len(blk_rows)} rows the ratio of the fastest runs "
+            "('min x') differs from the ratio of medians by more than 25%; read those to about +-25%."
+        )
+    for r in blk_rows[:1]:
+        lines += [
+            f"Block ({r['heads']}x{r['head_dim']}, N={r['tokens']}): SDPA is {100 * r['dense_sdpa_share']:.0f}% "
+            "of the dense block's forward + backward; the rest (linears, FFN, norms, RoPE, AdaLN) does not",
+            f"  shrink with k, so no block speed-up can exceed {r['bound_if_attention_free']:.2f}x even with free "
+            "attention. 'if SDPA only' is the speed-up had only the kernel time changed; measured:",
+            "  "
+            + ", ".join(
+                f"{b['mode']} k={b['k']} {b['speedup']:.2f}x (if SDPA only {b['kernel_only_speedup']:.2f}x)"
+                for b in blk_rows
+            ),
+        ]
+    return lines
+
+
+def init_single_process() -> None:
+    """One-process gloo group and megatron's parallel state (all sizes 1)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    initialize_model_parallel(tiny_config())
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="video tokens N")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--heads", type=int, default=None, help="default: max(threads, min(4, 16384 // N))")
+    parser.add_argument("--text-len", type=int, default=64, help="text tokens L")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per shape, after one warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block-tokens", type=int, default=4096)
+    parser.add_argument("--block-heads", type=int, default=16)
+    parser.add_argument("--block-head-dim", type=int, default=64)
+    parser.add_argument("--no-block", action="store_true", help="skip the SUV block comparison")
+    parser.add_argument("--quick", action="store_true", help="N=1024, d=64, k 2 4, 2 rounds: under a minute")
+    parser.add_argument("--json", default=None, help="write every number to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.head_dims, args.ks, args.repeats, args.heads = [1024], [64], [2, 4], 2, 2
+        args.block_tokens, args.block_heads, args.block_head_dim = 1024, 2, 64
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"fp32, SDPA backend, load average at start {os.getloadavg()[0]:.1f}"
+    )
+    heads_rule = f"{args.heads}" if args.heads else "max(threads, min(4, 16384 // N))"
+    print(
+        f"sizes: batch 1, video N in {args.tokens}, text L={args.text_len}, head dims {args.head_dims}, "
+        f"heads {heads_rule}, k in {args.ks}, modes {args.modes}; "
+        f"{args.repeats} timed rounds per shape after one warm-up run"
+    )
+    # 1. Warm-up: every attention variant once on a small shape (thread pool, kernel dispatch).
+    for d in args.head_dims:
+        for step in attention_steps(1024, args.text_len, 1, d, args.ks, args.modes).values():
+            step()
+
+    # 2. Attention: dense and every (mode, k) interleaved, shape by shape.
+    attn_rows = []
+    for n in args.tokens:
+        heads = args.heads or max(args.threads, min(4, 16384 // n))
+        for d in args.head_dims:
+            steps = attention_steps(n, args.text_len, heads, d, args.ks, args.modes)
+            runs = run_round_robin(steps, args.repeats)
+            rows = attention_rows(runs, n, args.text_len, heads, d, args.ks, args.modes)
+            attn_rows += rows
+            peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(
+                f"  measured N={n} d={d} h={heads}: dense {runs['dense'].median_s:.2f} s, "
+                f"peak RSS so far {peak_gib:.2f} GiB, load average {os.getloadavg()[0]:.1f}, "
+                f"elapsed {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    print("\nAttention forward + backward (joint_skiparse_attention, SDPA); speed-up = dense / sparse")
+    print("  / k = speed-up / k; min x = dense / sparse of the fastest runs (less sensitive to other load)")
+    print(
+        "  FLOP x = nominal dense / sparse attention FLOPs (k, less the text keys); kernel x = SDPA-kernel time ratio"
+    )
+    print_attention_table(attn_rows)
+
+    # 3. One SUV block with k against the same weights with k = 1.
+    blk_rows = []
+    if not args.no_block:
+        init_single_process()
+        n, h, d = args.block_tokens, args.block_heads, args.block_head_dim
+        steps = block_steps(n, args.text_len, h, d, args.ks, args.modes)
+        runs = run_round_robin(steps, args.repeats)
+        blk_rows = block_rows(runs, n, h, d, args.ks, args.modes)
+        print(
+            f"\nSUV block forward + backward, N={n}, L={args.text_len}, width D = {h} heads x {d} = {h * d} "
+            f"(block k vs the same weights at k = 1; each sparse block load_state_dict's the dense one)"
+        )
+        print("  SDPA share = SDPA-kernel time / dense block time; cap = 1 / (1 - share)")
+        print_block_table(blk_rows)
+
+    # 4. Why the speed-ups fall short of k, from the measurements above.
+    print("\nWhy")
+    for line in why(attn_rows, blk_rows):
+        print(line)
+    print(
+        f"Elapsed {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f} "
+        f"(other processes on this machine add noise; dense and sparse runs are interleaved)"
+    )
+    if args.json:
+        meta = dict(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            args=vars(args),
+        )
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, attention=attn_rows, block=blk_rows), f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
