@@ -1,7 +1,8 @@
 """Process start-up: launcher environment, device, process groups, the CPU adaptation, seeds.
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), Ascend msrun
-(RANK_ID / RANK_SIZE / LOCAL_RANK, MS_SCHED_HOST / MS_SCHED_PORT), or a plain single process.
+(RANK_ID or MS_NODE_ID, RANK_SIZE or MS_WORKER_NUM, LOCAL_RANK or DEVICE_ID, MS_SCHED_HOST,
+MS_SCHED_PORT; the torch store uses MS_SCHED_PORT + 1), or a plain single process.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def launcher_env() -> tuple[int, int, int, str, str]:
             env.get("MASTER_ADDR", "127.0.0.1"),
             env.get("MASTER_PORT", "29500"),
         )
-    if "RANK_ID" in env and "RANK_SIZE" in env:  # msrun
+    if "MS_SCHED_HOST" in env or "RANK_ID" in env:  # msrun (MindSpore dynamic cluster)
+        # msrun's scheduler listens on MS_SCHED_PORT, so our rendezvous store takes the next port.
+        port = int(env.get("MS_SCHED_PORT", env.get("MASTER_PORT", "29500"))) + 1
         return (
-            int(env["RANK_ID"]),
-            int(env["RANK_SIZE"]),
+            int(env.get("RANK_ID", env.get("MS_NODE_ID", 0))),
+            int(env.get("RANK_SIZE", env.get("MS_WORKER_NUM", 1))),
             int(env.get("LOCAL_RANK", env.get("DEVICE_ID", 0))),
             env.get("MS_SCHED_HOST", env.get("MASTER_ADDR", "127.0.0.1")),
-            env.get("MS_SCHED_PORT", env.get("MASTER_PORT", "29500")),
+            str(port),
         )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

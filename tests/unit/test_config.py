@@ -31,7 +31,9 @@ EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
 def test_shipped_configs_load():
-    big = load_config(EXAMPLES / "opensoraplan1.5" / "base.yaml")
+    with pytest.raises(ConfigError, match="weights are not downloaded for you"):
+        load_config(EXAMPLES / "opensoraplan1.5" / "base.yaml")  # the cluster paths do not exist here
+    big = load_config(EXAMPLES / "opensoraplan1.5" / "base.yaml", ["data.data_list=null"])
     assert big.model.hidden_size == 3072 and big.parallel.sequence_parallel
     tiny = load_config(EXAMPLES / "tiny" / "base.yaml", ["parallel.tensor_parallel=2"])
     assert tiny.model.num_heads == 4 and tiny.parallel.tensor_parallel == 2
@@ -143,3 +145,22 @@ def test_every_field_is_documented(cls):
     docs = field_docs(cls)
     undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+
+
+def test_open_sora_plan_recipe_stages_validate_for_512_devices():
+    from megatron_video.training.stage import read_curriculum
+
+    stages, _ = read_curriculum(EXAMPLES / "opensoraplan1.5" / "curriculum.yaml")
+    assert [s.name for s in stages][:5] == ["image_s1", "image_s2", "image_s3", "image_s4", "video_s1"]
+    layouts = {}
+    for spec in stages:
+        # The recipe's data lists and weights live on the cluster; validate the layout and batch sizes.
+        cfg = load_config(spec.config, ["data.data_list=null", "parallel.world_size=512"])
+        layouts[spec.name] = (
+            cfg.parallel.tensor_parallel,
+            cfg.training.accumulation_steps(512 // cfg.parallel.tensor_parallel),
+        )
+    assert layouts["video_s1"] == (2, 2) and layouts["video_s3"] == (4, 2) and layouts["video_s4"] == (4, 4)
+    assert load_config(EXAMPLES / "opensoraplan1.5" / "image_s4.yaml", ["data.data_list=null"]).model.sparse_n == [
+        1, 2, 4, 8, 4, 2, 1,
+    ]  # fmt: skip
