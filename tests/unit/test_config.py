@@ -34,7 +34,7 @@ def test_shipped_configs_load():
     with pytest.raises(ConfigError, match="weights are not downloaded for you"):
         load_config(EXAMPLES / "opensoraplan1.5" / "base.yaml")  # the cluster paths do not exist here
     big = load_config(EXAMPLES / "opensoraplan1.5" / "base.yaml", ["data.data_list=null"])
-    assert big.model.hidden_size == 3072 and big.parallel.sequence_parallel
+    assert big.model.hidden_size == 3072 and big.vae.flavor == "wfvae_8x8x8_d32"
     tiny = load_config(EXAMPLES / "tiny" / "base.yaml", ["parallel.tensor_parallel=2"])
     assert tiny.model.num_heads == 4 and tiny.parallel.tensor_parallel == 2
 
