@@ -140,6 +140,10 @@ class TrainingConfig:
     ema_decay: float | None = 0.9999
     """EMA decay of the weights; None disables EMA."""
 
+    encoder_data_parallel: bool = False
+    """Spread VAE / text encoding over the TP x CP ranks of a replica (each encodes a different
+    micro-batch, then they exchange); the batches are identical to encoding on every rank."""
+
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Diffusion objective."""
 

@@ -5,6 +5,12 @@ videos) to normalised latents, the text encoder(s) map the processed captions to
 and a pooled vector. Every random choice of a sample (caption pick, CFG dropout, aesthetic
 phrase, I2V mask type, condition noise, posterior sample) draws from a generator keyed by the
 sample's dataset index and the epoch, so a resumed run makes the same choices.
+
+Encoder data parallelism (Open-Sora-Plan v1.5's `enable_encoder_dp`): the TP x CP ranks of one
+replica all consume the same micro-batches, so instead of each encoding every one of them, the g
+ranks of that group take the next g micro-batches, each loads and encodes one, and the results
+are exchanged; the next g steps are then served from that queue. Per-sample keyed randomness
+makes the result identical to encoding everything everywhere.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_video.config.schema import ExperimentConfig
 from megatron_video.data.dataset import VideoTextDataset, build_dataloader, set_epoch
 from megatron_video.data.i2v_masks import I2VMasker, compress_mask
+from megatron_video.data.sampler import MegabatchBucketSampler
 from megatron_video.data.text import CaptionProcessor
 from megatron_video.models.text.encoders import CONTEXT, POOLED, TextEncoderPair
 from megatron_video.training.loop import TrainBatch
@@ -40,6 +48,7 @@ class EncodedBatches:
         task: str = "t2v",
         consumed_samples: int = 0,
         device: torch.device | str = "cpu",
+        encoder_group=None,
     ):
         self.cfg, self.dataset, self.vae, self.text = cfg, dataset, vae, text_encoder
         self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
@@ -48,6 +57,12 @@ class EncodedBatches:
         self.consumed_samples = consumed_samples
         self._iterator: Iterator | None = None
         self._epoch = None
+        # Encoder data parallel: the process group of the TP x CP ranks that share this replica's batches.
+        self.encoder_group = encoder_group
+        self.encoder_size = 1 if encoder_group is None else dist.get_world_size(encoder_group)
+        self._ready: list[TrainBatch] = []
+        self._read_samples = consumed_samples  # replica-wide samples read ahead into `_ready`
+        self._index_iter: Iterator | None = None
 
     # -- position ---------------------------------------------------------------------------------
 
@@ -59,6 +74,7 @@ class EncodedBatches:
         """Continue after `consumed_samples` (the sampler skips exactly that many)."""
         self.consumed_samples = state["consumed_samples"]
         self._iterator = None
+        self._ready, self._read_samples, self._index_iter = [], self.consumed_samples, None
 
     def _next_raw(self) -> dict:
         if self._iterator is None:
@@ -82,10 +98,65 @@ class EncodedBatches:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def next_batch(self) -> TrainBatch:
-        raw = self._next_raw()
-        seed, epoch = self.cfg.training.seed, self._epoch or 0
+        """The replica's next micro-batch, encoded."""
+        if self.encoder_size == 1:
+            return self._encode_batch(self._next_raw(), self._epoch or 0)
+        if not self._ready:
+            self._fill_with_encoder_data_parallel()
+        self.consumed_samples += self.cfg.data.batch_size * self.dp_size
+        return self._ready.pop(0)
+
+    # -- encoder data parallel --------------------------------------------------------------------
+
+    def _next_indices(self) -> tuple[list[int], int]:
+        """(dataset indices, epoch) of the replica's next micro-batch, read ahead of consumption."""
+        if self._index_iter is None:
+            sampler = MegabatchBucketSampler(
+                self.dataset.bucket_keys,
+                batch_size=self.cfg.data.batch_size,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                seed=self.cfg.data.seed,
+                group_data=self.cfg.data.group_data,
+                drop_threshold=self.cfg.data.bucket_drop_threshold,
+                global_batch_size=self.cfg.training.global_batch_size,
+                consumed_samples=self._read_samples,
+            )
+            self._index_epoch = sampler.epoch
+            self._index_iter = iter(sampler)
+        try:
+            indices = next(self._index_iter)
+        except StopIteration:
+            self._index_iter = None
+            return self._next_indices()
+        self._read_samples += len(indices) * self.dp_size
+        return indices, self._index_epoch
+
+    def _fill_with_encoder_data_parallel(self) -> None:
+        """Read the next g micro-batches, encode the one this rank owns, exchange all g."""
+        from megatron_video.data.collate import collate_samples
+
+        group, g = self.encoder_group, self.encoder_size
+        me = dist.get_rank(group)
+        slots = [self._next_indices() for _ in range(g)]
+        indices, epoch = slots[me]
+        self.dataset.set_epoch(epoch)
+        raw = collate_samples(
+            [self.dataset[i] for i in indices], self.cfg.data.vae_stride_t, self.cfg.data.vae_stride_hw
+        )
+        mine = _to_device(self._encode_batch(raw, epoch), torch.device("cpu"))
+        ranks = dist.get_process_group_ranks(group)
+        for src in range(g):
+            box = [mine if src == me else None]
+            dist.broadcast_object_list(box, src=ranks[src], group=group)
+            self._ready.append(_to_device(box[0], self.device))
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_batch(self, raw: dict, epoch: int) -> TrainBatch:
+        seed = self.cfg.training.seed
         indices = [int(i) for i in raw["index"]]
         video = raw["video"].to(self.device)
 
@@ -152,6 +223,15 @@ class EncodedBatches:
         """Restart the loader at `epoch` (used by tools that iterate epochs explicitly)."""
         self._iterator = None
         self._epoch = epoch
+
+
+def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    def move(t):
+        return None if t is None else t.to(device)
+
+    return TrainBatch(
+        move(batch.x0_BCTHW), {k: move(v) for k, v in batch.cond.items()}, move(batch.loss_mask_BTHW)
+    )
 
 
 __all__ = ["CONTEXT", "POOLED", "EncodedBatches", "sample_generator", "set_epoch"]

@@ -8,9 +8,11 @@ On disk::
     <save_dir>/iter_0000200.tmp-<id>/    a save in progress or interrupted; never loaded
 
 What one checkpoint holds: the model chunks (``model``, or ``model0``, ``model1`` ... for virtual
-pipeline chunks) and the optimizer, both sharded so that dist_checkpointing reshards them across
-TP / PP / DP; the EMA under ``ema.<model key>``, sharded exactly like the model; the scheduler state
-and the loop's ``train_state`` (rank 0's, pickled); and every rank's random streams.
+pipeline chunks, keyed like their ``state_dict()``) and the optimizer, both sharded so that
+dist_checkpointing reshards them across TP and DP; the EMA under ``ema.<model key>``, sharded
+exactly like the model; the scheduler state and the loop's ``train_state`` (rank 0's, pickled); and
+every rank's random streams. A checkpoint of the distributed optimizer loads into the plain one and
+back (a run that switches the distributed optimizer off at DP = 1 changes both at once).
 
 A save writes into a ``.tmp-<id>`` directory, waits for every rank, and only then rank 0 renames it
 to ``iter_<7 digits>`` and replaces ``latest`` (temp file + ``os.replace``). A crash at any point
@@ -45,6 +47,11 @@ step) goes through megatron's ``load_state_dict``, the ``step`` entries are set 
 megatron's public ``load_parameter_state_from_<format>`` fills main parameters and moments, and
 each parameter then gets its own copy of the step. A TransformerEngine / apex fused Adam is left to
 megatron unchanged.
+
+Two more megatron behaviours are worked around here: ``OptimizerParamScheduler.load_state_dict``
+adds the saved step count to the current one (right only for a fresh scheduler), and the generic
+``MegatronModule.sharded_state_dict`` records the Megatron linears nested in plain modules as
+replicated (see `model_sharded_state_dict`).
 """
 
 from __future__ import annotations
@@ -283,8 +290,46 @@ def _describe_optimizer(optimizer) -> dict[str, Any] | None:
     return {
         "distributed": distributed,
         "sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING if distributed else None,
-        "num_parts": len(_optimizer_parts(optimizer)),
+        "parts": [_optimizer_kind(part) for part in _optimizer_parts(optimizer)],
     }
+
+
+def _optimizer_kind(part) -> str:
+    """'DistributedOptimizer', 'FP32Optimizer', ... with '+torch_adam' when torch Adam is inside."""
+    inner = getattr(part, "optimizer", None)
+    torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+    return type(part).__name__ + ("+torch_adam" if torch_adam else "")
+
+
+_CROSS_KIND = {"DistributedOptimizer+torch_adam", "FP32Optimizer+torch_adam"}
+
+
+def _optimizer_conversion(saved: dict, optimizer) -> str | None:
+    """None (same kind), 'to_plain' or 'to_distributed'; raise when the kinds cannot be converted.
+
+    Converted: one torch-Adam DistributedOptimizer (fully_reshardable) <-> one fp32 FP32Optimizer,
+    what a run gets when it switches the distributed optimizer off at DP = 1. Both name their
+    moments 'optimizer.state.<exp_avg|exp_avg_sq>.<model key>' with the model's shapes; only the
+    non-tensor part (param groups, step) and the distributed optimizer's fp32 'param' differ.
+    """
+    current = [_optimizer_kind(part) for part in _optimizer_parts(optimizer)]
+    saved_parts = saved.get("parts", [])
+    if saved["distributed"] == _is_distributed(optimizer):
+        return None
+    convertible = (
+        len(current) == 1
+        and len(saved_parts) == 1
+        and {current[0], saved_parts[0]} == _CROSS_KIND
+        and (not saved["distributed"] or saved["sharding_type"] == "fully_reshardable")
+    )
+    if not convertible:
+        raise CheckpointMismatchError(
+            f"the checkpoint's optimizer {saved_parts} (use_distributed_optimizer={saved['distributed']}) "
+            f"cannot be loaded into {current}; only a torch-Adam DistributedOptimizer <-> FP32Optimizer "
+            "switch is converted. Match optimizer.use_distributed_optimizer or load with "
+            "load_optimizer=False"
+        )
+    return "to_distributed" if _is_distributed(optimizer) else "to_plain"
 
 
 def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bool) -> None:
@@ -294,11 +339,6 @@ def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bo
     if saved["class"] != current["class"]:
         raise CheckpointMismatchError(
             f"checkpoint {where} holds a {saved['class']}, the current model is a {current['class']}"
-        )
-    if saved["num_chunks"] != current["num_chunks"]:
-        raise CheckpointMismatchError(
-            f"checkpoint {where} was saved with {saved['num_chunks']} model chunk(s) "
-            f"(parallel.virtual_pipeline), the current run has {current['num_chunks']}"
         )
     if saved["config"] is not None and current["config"] is not None:
         fields = sorted(set(saved["config"]) | set(current["config"]))
@@ -318,13 +358,7 @@ def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bo
             raise CheckpointMismatchError(
                 f"checkpoint {where} has no optimizer state; load it with load_optimizer=False"
             )
-        if saved_opt["distributed"] != _is_distributed(optimizer):
-            raise CheckpointMismatchError(
-                f"checkpoint {where} was saved with optimizer.use_distributed_optimizer="
-                f"{saved_opt['distributed']}, the current optimizer has "
-                f"use_distributed_optimizer={not saved_opt['distributed']}; load with "
-                "load_optimizer=False or match the setting"
-            )
+        _optimizer_conversion(saved_opt, optimizer)
     if ema is not None and not meta["has_ema"] and strict:
         raise CheckpointMismatchError(
             f"checkpoint {where} has no EMA weights; pass ema=None, or strict=False to start the "
@@ -414,11 +448,92 @@ def _load_optimizer_state(optimizer, state) -> None:
         optimizer._synchronize_steps()
 
 
+def _matching_group(saved_groups: list[dict], group: dict) -> dict:
+    """The saved param group with the same megatron identity (wd_mult, lr_mult, ...) as `group`."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    ident = tuple(group[k] for k in param_group_identifier_keys)
+    for saved in saved_groups:
+        if tuple(saved[k] for k in param_group_identifier_keys) == ident:
+            return saved
+    raise CheckpointMismatchError(
+        f"no saved optimizer param group matches {dict(zip(param_group_identifier_keys, ident))}"
+    )
+
+
+def _load_plain_from_distributed(part, loaded: dict) -> None:
+    """FP32Optimizer (torch Adam) <- a distributed-optimizer checkpoint, converted."""
+    saved_groups = loaded["optimizer"]["param_groups"]
+    steps = {float(g["step"]) for g in saved_groups if g.get("step") is not None}
+    if len(steps) > 1:
+        raise CheckpointMismatchError(f"the saved param groups disagree on the optimizer step: {steps}")
+    step = steps.pop() if steps else 0.0
+    groups = []
+    for group in part.optimizer.state_dict()["param_groups"]:
+        saved = {k: v for k, v in _matching_group(saved_groups, group).items() if k != "step"}
+        groups.append({**saved, "params": group["params"]})
+    state = {
+        pid: {"step": torch.tensor(step), "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+        for pid, s in loaded["state"].items()
+        if isinstance(pid, int)
+    }
+    part.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_distributed_from_plain(part, loaded: dict, fp32_params: dict[int, torch.Tensor]) -> None:
+    """DistributedOptimizer (torch Adam) <- an FP32Optimizer checkpoint, converted.
+
+    fp32_params: param_state index -> the loaded model parameter (an fp32 optimizer's main
+    parameter is the model parameter itself).
+    """
+    step = float(loaded.get("state", {}).get("common_step", 0))
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in loaded["param_groups"]]
+    param_state = {
+        idx: {
+            "exp_avg": t["exp_avg"],
+            "exp_avg_sq": t["exp_avg_sq"],
+            "param": fp32_params[idx].detach().float(),
+        }
+        for idx, t in loaded["param_state"].items()
+    }
+    _load_distributed_part(
+        part,
+        {
+            "optimizer": {"param_groups": groups},
+            "param_state": param_state,
+            "param_state_sharding_type": "fully_reshardable",
+        },
+    )
+
+
 # -- 4. The sharded state dict ---------------------------------------------------------------------
 
 
 def _model_keys(num_chunks: int) -> list[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """Sharded entries of a model's state dict, keyed like `model.state_dict()`.
+
+    Tensor-parallel splits are read from Megatron's partition attributes of each parameter
+    (`tensor_model_parallel`, `partition_dim`; the rule `parallel/tensor_parallel_state.py` uses),
+    everything else is replicated over TP and DP x CP, `_extra_state` entries become ShardedObjects.
+    A parameter tagged `shared` (a pipeline chunk's copy of a parameter another chunk holds, as
+    `parallel/pipeline.py` marks them) is recorded as a replica, so only the primary copy is saved.
+    Megatron's generic `MegatronModule.sharded_state_dict` is not used: it treats every plain
+    `nn.Module` child (ModuleList, AdaLN, FFN, attention) with all Megatron linears inside as
+    replicated, which records wrong global shapes at TP > 1 (and saves only TP rank 0's shards).
+    """
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    from megatron_video.parallel.tensor_parallel_state import partition_dims
+
+    state = make_sharded_tensors_for_checkpoint(model.state_dict(keep_vars=True), "", partition_dims(model))
+    for name, p in model.named_parameters():
+        if getattr(p, "shared", False) and name in state:
+            state[name] = dataclasses.replace(state[name], replica_id=(1, *state[name].replica_id[1:]))
+    return state
 
 
 def _ema_names(chunk: torch.nn.Module, ema: ParamEMA) -> dict[int, str]:
@@ -439,22 +554,17 @@ def _ema_names(chunk: torch.nn.Module, ema: ParamEMA) -> dict[int, str]:
 
 def _ema_sharded_state(chunk: torch.nn.Module, ema: ParamEMA) -> dict[str, Any]:
     """EMA name -> the model parameter's sharded entry with the EMA tensor and key 'ema.<key>'."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing import ShardedTensor
 
     names = _ema_names(chunk, ema)
     entries = {}
-    for sharded in nested_values(_unwrap(chunk).sharded_state_dict()):
-        if not isinstance(sharded, (ShardedTensor, ShardedTensorFactory)):
-            continue
-        name = names.get(id(sharded.data))
-        if name is None:
-            continue
-        shadow = ema.shadow[name]
-        changes: dict[str, Any] = {"key": EMA_PREFIX + sharded.key, "data": shadow}
-        if isinstance(sharded, ShardedTensor):
-            changes["dtype"] = shadow.dtype
-        entries[name] = dataclasses.replace(sharded, **changes)
+    for sharded in model_sharded_state_dict(_unwrap(chunk)).values():
+        name = names.get(id(sharded.data)) if isinstance(sharded, ShardedTensor) else None
+        if name is not None:
+            shadow = ema.shadow[name]
+            entries[name] = dataclasses.replace(
+                sharded, key=EMA_PREFIX + sharded.key, data=shadow, dtype=shadow.dtype
+            )
     missing = sorted(set(ema.shadow) - set(entries))
     if missing:
         raise ValueError(f"EMA tensors without a sharded model entry: {missing}")
@@ -467,7 +577,7 @@ def _sharded_state(model_chunks, optimizer, ema, rng_state: dict | None, is_load
 
     state: dict[str, Any] = {}
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
-        state[key] = _unwrap(chunk).sharded_state_dict()
+        state[key] = model_sharded_state_dict(_unwrap(chunk))
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             dict(state),
@@ -589,6 +699,19 @@ def _resolve(load_dir: str | Path, iteration: int | None) -> Path | None:
     return path
 
 
+def _request_moments_only(state: dict, num_chunks: int) -> dict[int, torch.Tensor]:
+    """Drop the main parameters from a distributed optimizer's load request; return their params.
+
+    An FP32Optimizer checkpoint has no main parameters: an fp32 optimizer's main parameter is the
+    model parameter, so the distributed optimizer takes it from the loaded model instead.
+    """
+    params = {sh.key: sh.data for key in _model_keys(num_chunks) for sh in state[key].values()}
+    return {
+        idx: params[tensors.pop("param").key.removeprefix("optimizer.state.param.")]
+        for idx, tensors in state["optimizer"]["param_state"].items()
+    }
+
+
 def _reseed_seed(train_state: dict) -> int:
     if "seed" in train_state:
         return int(train_state["seed"])
@@ -631,12 +754,15 @@ def load_checkpoint(
     load_ema = ema is not None and meta["has_ema"]
     same_layout = meta["layout"] == current_layout()
 
+    conversion = None
     if wanted_optimizer is not None:
+        conversion = _optimizer_conversion(meta["optimizer"], wanted_optimizer)
         _init_torch_adam_state(wanted_optimizer)
     rng_template = capture_rng_state() if same_layout else None
     state = _sharded_state(
         model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, is_loading=True
     )
+    fp32_params = _request_moments_only(state, len(model_chunks)) if conversion == "to_distributed" else {}
     loaded = dist_checkpointing.load(
         state,
         str(path),
@@ -646,8 +772,19 @@ def load_checkpoint(
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if wanted_optimizer is not None:
-        _load_optimizer_state(wanted_optimizer, loaded["optimizer"])
+        if conversion == "to_plain":
+            _load_plain_from_distributed(_optimizer_parts(wanted_optimizer)[0], loaded["optimizer"])
+            _untie_steps(wanted_optimizer)
+        elif conversion == "to_distributed":
+            _load_distributed_from_plain(
+                _optimizer_parts(wanted_optimizer)[0], loaded["optimizer"], fp32_params
+            )
+        else:
+            _load_optimizer_state(wanted_optimizer, loaded["optimizer"])
         if scheduler is not None and loaded.get("scheduler") is not None:
+            # OptimizerParamScheduler.load_state_dict advances num_steps BY the saved count (it
+            # assumes a fresh scheduler); start from 0 so that loading into a used one is right too.
+            scheduler.num_steps = 0
             scheduler.load_state_dict(loaded["scheduler"])
     elif optimizer is not None:
         optimizer.reload_model_params()

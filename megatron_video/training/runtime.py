@@ -96,6 +96,9 @@ def select_device(name: str, local_rank: int) -> torch.device:
 def init_distributed(cfg: ExperimentConfig) -> Runtime:
     """Start (or join) the default process group for the launcher's world."""
     rank, world, local_rank, addr, port = launcher_env()
+    if dist.is_initialized():  # started by the caller (tests, notebooks): take its world
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = select_device(cfg.runtime.device, local_rank)
     if not dist.is_initialized():
         backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")

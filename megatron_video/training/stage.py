@@ -154,7 +154,15 @@ def run_stage(
     text = build_text_encoder(cfg, runtime.device)
     dataset = VideoTextDataset(cfg.data)
     batches = EncodedBatches(
-        cfg, dataset, vae, text, runtime.dp_rank, runtime.dp_size, task, device=runtime.device
+        cfg,
+        dataset,
+        vae,
+        text,
+        runtime.dp_rank,
+        runtime.dp_size,
+        task,
+        device=runtime.device,
+        encoder_group=encoder_group(cfg),
     )
 
     if has_checkpoint:
@@ -190,6 +198,16 @@ def run_stage(
 
     final_model, final_ema = _export(trainer, runtime, cfg, stage_dir)
     return StageResult(stage_dir, final_model, final_ema, losses)
+
+
+def encoder_group(cfg: ExperimentConfig):
+    """The TP x CP group that shares encoding work, or None when encoder data parallel is off."""
+    p = cfg.parallel
+    if not cfg.training.encoder_data_parallel or p.tensor_parallel * p.context_parallel == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_and_context_parallel_group()
 
 
 def _step_work(cfg: ExperimentConfig, batches) -> tuple[int, float]:
