@@ -9,6 +9,7 @@ from megatron_video.models.suv.state_dict_adapter import (
     CheckpointMismatch,
     check_against_model,
     convert_dense_to_suv,
+    expected_open_sora_plan_keys,
     from_open_sora_plan,
     merge_open_sora_plan_tp,
     split_open_sora_plan_tp,
@@ -33,6 +34,7 @@ def test_open_sora_plan_round_trip_exact(megatron_single):
     assert not any(k.startswith("transformer_blocks.4.1.ff_enc") for k in released)  # context-pre-only
     back = from_open_sora_plan(released, cfg.model)
     assert set(back) == set(state)
+    assert expected_open_sora_plan_keys(cfg.model) == set(released)
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 

@@ -116,6 +116,30 @@ def _name_map(cfg: SUVConfig) -> dict[str, str]:
     return mapping
 
 
+def expected_open_sora_plan_keys(cfg: SUVConfig) -> set[str]:
+    """Every tensor name a released-layout checkpoint of `cfg` holds (TP = 1 build)."""
+    keys = set()
+    for ours, theirs in _name_map(cfg).items():
+        if ours == "time_text_embed.":
+            for emb in ("timestep_embedder", "text_embedder"):
+                for lin in ("linear_1", "linear_2"):
+                    keys |= {f"{theirs}{emb}.{lin}.{s}" for s in ("weight", "bias")}
+            continue
+        rel = ours.split(".", 3)[-1] if ours.startswith("stages.") else ours
+        no_bias = rel.startswith(("ff.", "ff_text.")) or "layernorm" in rel  # FFNs and QK-norms
+        no_bias |= rel.startswith(("attn.linear_proj", "attn.linear_added_proj")) and not cfg.attention_bias
+        suffixes = ("weight",) if no_bias else ("weight", "bias")
+        keys |= {theirs + s for s in suffixes}
+    for _, theirs_block, _ in _block_prefixes(cfg):
+        for names in _FUSED.values():
+            for n in names:
+                keys |= {
+                    f"{theirs_block}{n}.{s}"
+                    for s in (("weight", "bias") if cfg.attention_bias else ("weight",))
+                }
+    return keys
+
+
 def to_open_sora_plan(state: dict[str, torch.Tensor], cfg: SUVConfig) -> dict[str, torch.Tensor]:
     """Our full (TP = 1) state dict -> the released flat layout."""
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
@@ -159,6 +183,7 @@ def from_open_sora_plan(
     released = dict(released)
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
+    given = set(released)
     for ours_block, theirs_block, last in _block_prefixes(cfg):
         if last:
             for extra in _TP_ONLY_LAST_BLOCK:
@@ -181,6 +206,7 @@ def from_open_sora_plan(
                 break
         else:
             unexpected.append(key)
+    missing = sorted(set(missing) | {k for k in expected_open_sora_plan_keys(cfg) if k not in given})
     if strict and (missing or unexpected):
         raise CheckpointMismatch(
             "Open-Sora-Plan checkpoint does not match the SUV config:"
