@@ -59,7 +59,10 @@ def build_vae(section: VAESection, device: torch.device):
     if section.checkpoint:
         path = Path(section.checkpoint)
         if path.suffix == ".safetensors" or path.with_suffix(".safetensors").is_file():
-            state, _ = load_flat(path)
+            state, saved = load_flat(path)
+            if saved is not None:  # the export's own geometry and latent statistics win over the flavor
+                cfg = type(cfg)(**{**saved, "chunked": section.chunked} if "chunked" in saved else saved)
+                vae = type(vae)(cfg)
         else:
             _, state = load_osp(path, cfg, prefer_ema=section.use_ema)
         missing, unexpected = vae.load_state_dict(state, strict=False)
