@@ -15,12 +15,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build_transformer_config(
     cfg: ExperimentConfig, use_cpu_initialization: bool | None = None
 ) -> TransformerConfig:
-    """Megatron TransformerConfig carrying our parallel and precision settings into its linears."""
+    """Megatron TransformerConfig carrying our parallel and precision settings into its linears.
+
+    Pipeline settings (PP > 1, see megatron_video/parallel/pipeline.py): stages exchange one packed
+    tensor whose length depends on the boundary (variable_seq_lengths); under virtual pipelining the
+    tensors go through Megatron's unbatched P2P path, which posts an activation before a gradient
+    on both sides (the batched path swaps them on gloo with two pipeline ranks); the conditioning
+    embedder is replicated on every chunk, so its gradients are summed over the pipeline group.
+    """
     m, p, r = cfg.model, cfg.parallel, cfg.runtime
     dtype = _DTYPES[r.dtype]
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=m.total_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_heads,
@@ -48,7 +55,16 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
+        variable_seq_lengths=p.pipeline_parallel > 1,
+        # No experts here: Megatron only checks this setting to reject variable_seq_lengths with
+        # its default 'allgather' MoE dispatcher.
+        moe_token_dispatcher_type="alltoall",
+        batch_p2p_comm=p.virtual_pipeline is None,
     )
+    # Not a TransformerConfig field in megatron-core 0.16: finalize_model_grads reads it with getattr
+    # and only then all-reduces the gradients of `pipeline_parallel=True` parameters over PP.
+    config.has_cond_embedder = p.pipeline_parallel > 1
+    return config
 
 
 def initialize_model_parallel(cfg: ExperimentConfig) -> None:

@@ -7,6 +7,12 @@ One optimizer step:
     NaN / extreme norms) -> AdamW -> LR schedule -> EMA.
 Sigma and noise come from a generator seeded by (seed, step, micro-batch, DP rank), so every TP /
 CP rank of a replica draws the same values and a resumed run draws what the original would have.
+
+With pipeline parallelism the model is a list of chunks (one per virtual stage) and Megatron's
+1F1B schedule (interleaved for several chunks) runs the micro-batches. Every stage reads the same
+micro-batches and seeds the same generators: the first chunk embeds the noisy input the objective
+builds, the last computes the loss from the same sigma and noise, and the chunks in between only
+pass the hidden states on (megatron_video/parallel/pipeline.py).
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.utils import get_attr_wrapped_model
+from torch import nn
 
 from megatron_video.config.schema import ExperimentConfig
 from megatron_video.diffusion import DDPMObjective, FlowMatching
 from megatron_video.models.suv.model import SUVModel
+from megatron_video.parallel.pipeline import run_pipeline_schedule
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.grad_clip import BatchDropClip, build_clipper
 from megatron_video.training.optim import build_optimizer, local_grad_norm, optimizer_step, scale_local_grads
@@ -86,13 +95,60 @@ def wrap_ddp(model: torch.nn.Module, plan, distributed_optimizer: bool) -> Distr
     )
 
 
+class _ChunkOutput(Exception):
+    """Ends the objective at its model call on a pipeline chunk that does not hold the output head."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def hidden_states_for_next_stage(objective, chunk, batch: TrainBatch, generators) -> torch.Tensor:
+    """Run `objective.training_loss` up to its model call and return the chunk's output.
+
+    The objective draws sigma and noise and builds the noisy input exactly as on the last stage;
+    the chunk's output (packed hidden states) is what the schedule sends on.
+    """
+
+    def call(*args, **kwargs):
+        raise _ChunkOutput(chunk(*args, **kwargs))
+
+    try:
+        objective.training_loss(call, batch.x0_BCTHW, batch.cond, generators, batch.loss_mask_BTHW)
+    except _ChunkOutput as out:
+        return out.hidden
+    raise RuntimeError(f"{type(objective).__name__}.training_loss never called the model")
+
+
+class UniqueParameters(nn.Module):
+    """The parameters of several model chunks under their (global) names, replicated ones once.
+
+    Pipeline chunks on one rank each hold a copy of the conditioning embedder; the copies stay
+    equal (same gradient after finalize_model_grads), so the EMA tracks one of them.
+    """
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        self._chunks = list(chunks)  # a plain list: names are the chunks' own, without a prefix
+
+    def named_parameters(self, *args, **kwargs):
+        seen = set()
+        for chunk in self._chunks:
+            for name, p in chunk.named_parameters(*args, **kwargs):
+                if name not in seen:
+                    seen.add(name)
+                    yield name, p
+
+
 @dataclass
 class Trainer:
     """Model, optimizer, EMA and clipping for one stage, and the step that drives them."""
 
     cfg: ExperimentConfig
     runtime: Runtime
-    model: SUVModel
+    model: SUVModel | list[SUVModel]
+    """The model, or this pipeline rank's chunks (one per virtual stage) when PP > 1."""
+
     ddp: DistributedDataParallel = field(init=False)
     optimizer: Any = field(init=False)
     scheduler: Any = field(init=False)
@@ -107,12 +163,17 @@ class Trainer:
     def __post_init__(self):
         cfg, rt = self.cfg, self.runtime
         dist_opt = cfg.training.optimizer.distributed_optimizer and rt.dp_size > 1
-        self.ddp = wrap_ddp(self.model, rt.plan, dist_opt)
+        chunks = self.model if isinstance(self.model, list) else [self.model]
+        if rt.pp_size > 1 and not isinstance(self.model, list):
+            raise TypeError("with pipeline parallelism the Trainer takes this rank's list of model chunks")
+        self._ddp_chunks = [wrap_ddp(chunk, rt.plan, dist_opt) for chunk in chunks]
+        self.ddp = self._ddp_chunks[0]
         self.optimizer, self.scheduler = build_optimizer(
-            [self.ddp], cfg.training, cfg.runtime.dtype, rt.dp_size
+            self._ddp_chunks, cfg.training, cfg.runtime.dtype, rt.dp_size
         )
         t = cfg.training
-        self.ema = ParamEMA(self.model, t.ema_decay) if t.ema_decay is not None else None
+        self._ema_params = chunks[0] if len(chunks) == 1 else UniqueParameters(chunks)
+        self.ema = ParamEMA(self._ema_params, t.ema_decay) if t.ema_decay is not None else None
         self.clipper = build_clipper(t.clip.mode, t.clip.max_norm, t.clip.ema_decay)
         self.objective = build_objective(cfg, rt.dp_rank, rt.dp_size)
         self.accumulation = t.accumulation_steps(rt.dp_size)
@@ -120,26 +181,28 @@ class Trainer:
     @property
     def model_chunks(self) -> list:
         """DDP-wrapped model chunks (one without virtual pipelining)."""
-        return [self.ddp]
+        return list(self._ddp_chunks)
 
     def train_step(self, source: BatchSource) -> dict:
         """One optimizer step over `accumulation` micro-batches; returns metrics (equal on all ranks)."""
         rt, t = self.runtime, self.cfg.training
         cp = rt.plan.cp_size
-        self.ddp.zero_grad_buffer()
+        for chunk in self._ddp_chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = []
-        mbs = t.micro_batch_size
-        for micro in range(self.accumulation):
-            batch = source.next_batch()
-            first = (rt.dp_rank * self.accumulation + micro) * mbs
-            gen = sample_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
-            loss = self.objective.training_loss(
-                self.ddp, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW
-            )
-            # DDP averages over (DP x CP); each CP rank holds a share of the gradient.
-            (loss * cp / self.accumulation).backward()
-            losses.append(loss.detach().clone())
+        if rt.pp_size > 1:
+            losses = self._pipeline_micro_batches(source)
+        else:
+            for micro in range(self.accumulation):
+                batch = source.next_batch()
+                gen = self._generators(micro, batch)
+                loss = self.objective.training_loss(
+                    self.ddp, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW
+                )
+                # DDP averages over (DP x CP); each CP rank holds a share of the gradient.
+                (loss * cp / self.accumulation).backward()
+                losses.append(loss.detach().clone())
         if isinstance(self.clipper, BatchDropClip):
             self._drop_abnormal_ranks()
         finalize_model_grads(self.model_chunks)
@@ -149,10 +212,16 @@ class Trainer:
         if result.action != "skip":
             self.scheduler.step(increment=t.global_batch_size)
             if self.ema is not None:
-                self.ema.update(self.model)
+                self.ema.update(self._ema_params)
         self.step += 1
         self.consumed_samples += t.global_batch_size
-        loss = torch.stack(losses).mean()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        if rt.pp_size > 1:  # only the last stage computed the loss
+            dist.broadcast(
+                loss,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         return {
             "loss": loss.item() / rt.dp_size,
@@ -161,6 +230,45 @@ class Trainer:
             "skipped_steps": self.clipper.skipped_steps,
             "lr": result.lr,
         }
+
+    def _generators(self, micro: int, batch: TrainBatch) -> list[torch.Generator]:
+        """Per-sample generators of micro-batch `micro`, keyed by position in the global batch."""
+        t = self.cfg.training
+        first = (self.runtime.dp_rank * self.accumulation + micro) * t.micro_batch_size
+        return sample_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
+
+    def _pipeline_micro_batches(self, source: BatchSource) -> list[torch.Tensor]:
+        """Forward and backward of every micro-batch through the pipeline schedule.
+
+        Each chunk reads micro-batches 0, 1, ... in order; the source is read once per micro-batch
+        and what it gave is kept for this rank's other chunks. Returns the losses (last stage only).
+        """
+        batches: list[TrainBatch] = []
+
+        def micro_batches():
+            for micro in range(self.accumulation):
+                if micro == len(batches):
+                    batches.append(source.next_batch())
+                yield micro, batches[micro]
+
+        def forward_step(data_iterator, chunk):
+            micro, batch = next(data_iterator)
+            gen = self._generators(micro, batch)
+            if not get_attr_wrapped_model(chunk, "post_process"):
+                return hidden_states_for_next_stage(self.objective, chunk, batch, gen), None
+            loss = self.objective.training_loss(chunk, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW)
+            # The schedule scales the returned loss in place by cp / micro-batches before backward.
+            return loss, lambda out: (out, {"loss": out.detach().clone()})
+
+        reports = run_pipeline_schedule(
+            forward_step,
+            self._ddp_chunks,
+            [micro_batches() for _ in self._ddp_chunks],
+            self.accumulation,
+            self.cfg.training.micro_batch_size,
+            self.runtime.device,
+        )
+        return [r["loss"] for r in reports]
 
     def _drop_abnormal_ranks(self) -> None:
         """v1.3 batch dropping: weigh each DP rank's local gradient before the reduction."""

@@ -9,12 +9,19 @@ Shape legend
 
 Contract: model(latents_BCTHW, timestep_B, text_BLC, pooled_BP, text_mask_BL, video_mask_BTHW)
 -> velocity_BCTHW, the full tensors on every rank whatever the parallel layout.
+
+Pipeline chunks: built with `blocks=range(a, b)` the model holds only those blocks of the global
+list (stage by stage), under their global names. It takes the same inputs; a chunk after the
+first starts from the tensor Megatron's schedule hands to `set_input_tensor`, and a chunk before
+the last returns the packed streams and pending U-skips instead of the velocity
+(megatron_video/parallel/pipeline.py).
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
@@ -30,6 +37,11 @@ from megatron_video.models.common.layers import (
 from megatron_video.models.common.rope import rope_3d_tables
 from megatron_video.models.conditioning.inpaint import InpaintConditioning
 from megatron_video.models.suv.config import SUVConfig
+from megatron_video.parallel.pipeline import (
+    mark_pipeline_replicated_params,
+    pack_stage_tensors,
+    unpack_stage_tensors,
+)
 from megatron_video.parallel.plan import (
     ParallelPlan,
     gather_frames_from_context_parallel,
@@ -104,11 +116,60 @@ class SUVBlock(nn.Module):
         return x_SBD + g * out[:n], c_LBD + g_c * out[n:]
 
 
+class IndexedModules(nn.Module):
+    """Modules registered under their global positions: a ModuleList that may hold a subset.
+
+    A pipeline chunk keeps the positions of its blocks and skip fusions, so a parameter is named
+    `stages.3.1.attn...` whatever the layout.
+    """
+
+    def __init__(self, modules: dict[int, nn.Module]):
+        super().__init__()
+        for index, module in modules.items():
+            self.add_module(str(index), module)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def block_positions(cfg: SUVConfig) -> list[tuple[int, int]]:
+    """(U-stage, index within the stage) of every block, in global order."""
+    return [(s, i) for s, layers in enumerate(cfg.num_layers) for i in range(layers)]
+
+
+def stage_first_blocks(cfg: SUVConfig) -> list[int]:
+    """Global index of the first block of every U-stage."""
+    return [sum(cfg.num_layers[:s]) for s in range(len(cfg.num_layers))]
+
+
+def pending_skips(cfg: SUVConfig, boundary: int) -> int:
+    """U-skips pushed before global block `boundary` and popped at or after it.
+
+    Encoder stage s < mid pushes after its last block; decoder stage s > mid pops before its first.
+    """
+    if not cfg.skip_connection:
+        return 0
+    mid = len(cfg.num_layers) // 2
+    starts = stage_first_blocks(cfg)
+    pushed = sum(1 for s in range(mid) if starts[s] + cfg.num_layers[s] <= boundary)
+    popped = sum(1 for s in range(mid + 1, len(cfg.num_layers)) if starts[s] < boundary)
+    return pushed - popped
+
+
 class SUVModel(MegatronModule):
     """Sparse U-shaped MMDiT denoiser predicting the flow velocity.
 
     A MegatronModule so that DDP, the distributed optimizer and `sharded_state_dict`
-    (dist_checkpointing with TP resharding) work on it unchanged.
+    (dist_checkpointing with TP resharding) work on it unchanged. `blocks` (a contiguous range of
+    global block indices, all of them by default) makes it one pipeline chunk: the chunk holding
+    block 0 embeds the inputs, the one holding the last block has the output head, and every
+    chunk has the conditioning embedder.
     """
 
     def __init__(
@@ -117,62 +178,77 @@ class SUVModel(MegatronModule):
         plan: ParallelPlan,
         attention_backend: str = "sdpa",
         inpaint_mask_channels: int | None = None,
+        blocks: range | None = None,
     ):
         super().__init__(config=plan.linear_config)
         cfg.validate()
         self.cfg, self.plan, self.attention_backend = cfg, plan, attention_backend
+        total = cfg.total_layers
+        self.block_range = range(total) if blocks is None else blocks
+        if self.block_range.step != 1 or not 0 <= self.block_range.start < self.block_range.stop <= total:
+            raise ValueError(
+                f"blocks={blocks} is not a contiguous, non-empty range within the {total} blocks"
+            )
+        self.pre_process = self.block_range.start == 0
+        self.post_process = self.block_range.stop == total
+        self.input_tensor = None
+        # What Megatron's pipeline schedule and finalize_model_grads ask of a pipelined model.
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        self._positions = block_positions(cfg)
         d, e = cfg.hidden_size, cfg.timestep_embed_dim
-        self.patch_embed = PatchEmbed2D(cfg.in_channels, d, cfg.patch_size)
+        self.patch_embed = PatchEmbed2D(cfg.in_channels, d, cfg.patch_size) if self.pre_process else None
         # I2V: masked-video latents and the compressed mask (mask channels = VAE temporal stride).
         self.inpaint = None
-        if inpaint_mask_channels is not None:
+        if inpaint_mask_channels is not None and self.pre_process:
             self.inpaint = InpaintConditioning(cfg.in_channels, inpaint_mask_channels, d, cfg.patch_size)
         self.time_text_embed = TimestepTextEmbedding(e, cfg.pooled_projection_dim)
-        self.caption_projection = nn.Linear(cfg.caption_channels, d)
+        mark_pipeline_replicated_params(self.time_text_embed, primary=self.pre_process)
+        self.caption_projection = nn.Linear(cfg.caption_channels, d) if self.pre_process else None
 
         num_stages = len(cfg.num_layers)
-        self.stages = nn.ModuleList()
-        for s, (layers, k) in enumerate(zip(cfg.num_layers, cfg.sparse_n)):
-            blocks = [
-                SUVBlock(
-                    cfg,
-                    plan,
-                    sparse_k=k,
-                    group=(i % 2 == 1),
-                    context_pre_only=(s == num_stages - 1 and i == layers - 1),
-                )
-                for i in range(layers)
-            ]
-            self.stages.append(nn.ModuleList(blocks))
+        held: dict[int, dict[int, SUVBlock]] = {}
+        for g in self.block_range:
+            s, i = self._positions[g]
+            held.setdefault(s, {})[i] = SUVBlock(
+                cfg,
+                plan,
+                sparse_k=cfg.sparse_n[s],
+                group=(i % 2 == 1),
+                context_pre_only=(s == num_stages - 1 and i == cfg.num_layers[s] - 1),
+            )
+        self.stages = IndexedModules({s: IndexedModules(stage) for s, stage in held.items()})
 
         # Long skips: decoder stage (num_stages // 2 + 1 + j) fuses the output of encoder stage
-        # (num_stages // 2 - 1 - j) through Linear(2D -> D), for video and text alike.
-        num_skips = num_stages // 2 if cfg.skip_connection else 0
-        self.skip_linears = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
-        self.skip_linears_text = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(num_skips))
+        # (num_stages // 2 - 1 - j) through Linear(2D -> D), for video and text alike. A chunk holds
+        # the fusions of the decoder stages whose first block it holds.
+        mid = num_stages // 2
+        num_skips = mid if cfg.skip_connection else 0
+        first_block = stage_first_blocks(cfg)
+        fused = [j for j in range(num_skips) if first_block[mid + 1 + j] in self.block_range]
+        self.skip_linears = IndexedModules({j: nn.Linear(2 * d, d) for j in fused})
+        self.skip_linears_text = IndexedModules({j: nn.Linear(2 * d, d) for j in fused})
         # Without zero-init a LayerNorm(2D) precedes each skip linear; with it the norm is omitted.
-        num_norms = 0 if cfg.skip_connection_zero_init else num_skips
-        self.skip_norms = nn.ModuleList(LayerNormFP32(2 * d, eps=cfg.norm_eps) for _ in range(num_norms))
-        self.skip_norms_text = nn.ModuleList(LayerNormFP32(2 * d, eps=cfg.norm_eps) for _ in range(num_norms))
+        normed = [] if cfg.skip_connection_zero_init else fused
+        self.skip_norms = IndexedModules({j: LayerNormFP32(2 * d, eps=cfg.norm_eps) for j in normed})
+        self.skip_norms_text = IndexedModules({j: LayerNormFP32(2 * d, eps=cfg.norm_eps) for j in normed})
 
-        self.norm_final = LayerNormFP32(d, eps=cfg.norm_eps)
-        self.norm_out = AdaLNModulation(e, d, 2, plan)
-        self.norm_out_norm = LayerNormFP32(d, eps=cfg.norm_eps)
-        self.proj_out = nn.Linear(d, cfg.patch_size * cfg.patch_size * cfg.out_channels)
-        for module in (
-            self.skip_linears,
-            self.skip_linears_text,
-            self.norm_final,
-            self.norm_out_norm,
-            self.proj_out,
-        ):
+        head: list[nn.Module] = []
+        self.norm_final = self.norm_out = self.norm_out_norm = self.proj_out = None
+        if self.post_process:
+            self.norm_final = LayerNormFP32(d, eps=cfg.norm_eps)
+            self.norm_out = AdaLNModulation(e, d, 2, plan)
+            self.norm_out_norm = LayerNormFP32(d, eps=cfg.norm_eps)
+            self.proj_out = nn.Linear(d, cfg.patch_size * cfg.patch_size * cfg.out_channels)
+            head = [self.norm_final, self.norm_out_norm, self.proj_out]
+        for module in [self.skip_linears, self.skip_linears_text, *head]:
             mark_sequence_parallel_params(module, plan)
         self._init_weights()
         self.set_recompute(cfg.recompute, cfg.recompute_num_layers)
 
     def _init_weights(self) -> None:
         std = self.cfg.init_std
-        replicated = [self.caption_projection, self.patch_embed.proj]
+        replicated = [self.caption_projection, self.patch_embed.proj] if self.pre_process else []
         replicated += [m for emb in self.time_text_embed.children() for m in emb.children()]
         for m in replicated:
             nn.init.normal_(m.weight, std=std)
@@ -186,9 +262,12 @@ class SUVModel(MegatronModule):
                 self.init_skip_identity(lin)
         # AdaLN-Zero: every modulation and the output projection start at zero, so blocks start as
         # the identity and a fresh model predicts zero velocity.
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
-        for mod in [b.norm1 for b in self.blocks()] + [b.norm2 for b in self.blocks()] + [self.norm_out]:
+        modulations = [b.norm1 for b in self.blocks()] + [b.norm2 for b in self.blocks()]
+        if self.post_process:
+            nn.init.zeros_(self.proj_out.weight)
+            nn.init.zeros_(self.proj_out.bias)
+            modulations.append(self.norm_out)
+        for mod in modulations:
             nn.init.zeros_(mod.linear.weight)
             nn.init.zeros_(mod.linear.bias)
 
@@ -204,16 +283,26 @@ class SUVModel(MegatronModule):
             lin.bias.zero_()
 
     def blocks(self) -> list[SUVBlock]:
-        """Every block, stage by stage."""
-        return [b for stage in self.stages for b in stage]
+        """Every block this model (chunk) holds, in global order."""
+        return [self.stages[s][i] for s, i in (self._positions[g] for g in self.block_range)]
 
     def set_recompute(self, mode: str, num_layers: int | None = None) -> None:
-        """Recompute whole blocks ('full'), only their FFN half ('ffn'), or nothing ('none')."""
-        limit = len(self.blocks()) if num_layers is None else num_layers
+        """Recompute whole blocks ('full'), only their FFN half ('ffn'), or nothing ('none').
+
+        `num_layers` counts blocks over the whole model, so a pipeline chunk recomputes the same
+        blocks as the full model would.
+        """
+        limit = self.cfg.total_layers if num_layers is None else num_layers
         self.recompute_full = mode == "full"
-        for i, block in enumerate(self.blocks()):
-            block.recompute_ffn = mode == "ffn" and i < limit
+        for g, block in zip(self.block_range, self.blocks()):
+            block.recompute_ffn = mode == "ffn" and g < limit
         self._recompute_limit = limit if mode == "full" else 0
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's pipeline schedule hands in the previous chunk's packed output (None on the first)."""
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.input_tensor = input_tensor
 
     def _run_block(self, index, block, x, c, temb, rope, video_keep, text_keep):
         if self.recompute_full and index < self._recompute_limit:
@@ -238,7 +327,8 @@ class SUVModel(MegatronModule):
         """Velocity [B, C_out, T, H, W] for noisy latents at timesteps sigma * 1000.
 
         I2V models (built with `inpaint_mask_channels`) also take the masked-video latents and the
-        compressed mask (1 = frame to generate, 0 = kept condition).
+        compressed mask (1 = frame to generate, 0 = kept condition). A pipeline chunk before the
+        last returns the packed tensor for the next stage instead.
         """
         cfg, plan = self.cfg, self.plan
         b, _, t, h, w = latents_BCTHW.shape
@@ -260,27 +350,35 @@ class SUVModel(MegatronModule):
             device=latents_BCTHW.device,
         )
 
-        # 2. Embeddings on this rank's frames / text slice, then the sequence-parallel split.
-        x_SBD = self.patch_embed(split_frames_for_context_parallel(latents_BCTHW, plan))
-        if self.inpaint is not None:
-            if masked_latents_BCTHW is None or inpaint_mask_BMTHW is None:
-                raise ValueError("this I2V model needs masked_latents_BCTHW and inpaint_mask_BMTHW")
-            x_SBD = x_SBD + self.inpaint(
-                split_frames_for_context_parallel(masked_latents_BCTHW, plan),
-                split_frames_for_context_parallel(inpaint_mask_BMTHW, plan),
-            )
-        x_SBD = scatter_to_sequence_parallel(x_SBD, plan)
+        # 2. Embeddings on this rank's frames / text slice, then the sequence-parallel split. A
+        #    later pipeline chunk instead unpacks both streams and the pending U-skips it received.
         temb_BE = self.time_text_embed(timestep_B, pooled_BP)
-        c_LBD = self.caption_projection(split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan))
-        c_LBD = scatter_to_sequence_parallel(c_LBD, plan)
+        if self.pre_process:
+            x_SBD = self.patch_embed(split_frames_for_context_parallel(latents_BCTHW, plan))
+            if self.inpaint is not None:
+                if masked_latents_BCTHW is None or inpaint_mask_BMTHW is None:
+                    raise ValueError("this I2V model needs masked_latents_BCTHW and inpaint_mask_BMTHW")
+                x_SBD = x_SBD + self.inpaint(
+                    split_frames_for_context_parallel(masked_latents_BCTHW, plan),
+                    split_frames_for_context_parallel(inpaint_mask_BMTHW, plan),
+                )
+            x_SBD = scatter_to_sequence_parallel(x_SBD, plan)
+            c_LBD = self.caption_projection(split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan))
+            c_LBD = scatter_to_sequence_parallel(c_LBD, plan)
+            skips: list[tuple[torch.Tensor, torch.Tensor]] = []
+        else:
+            n_video = (t // plan.cp_size) * hp * wp // plan.sp_size
+            n_text = text_BLC.shape[1] // plan.cp_size // plan.sp_size
+            x_SBD, c_LBD, skips = unpack_stage_tensors(
+                self.input_tensor, n_video, n_text, pending_skips(cfg, self.block_range.start)
+            )
 
-        # 3. U-shaped stages with long skips (LIFO pairing of mirrored stages).
-        num_stages = len(self.stages)
-        mid = num_stages // 2
-        skips: list[tuple[torch.Tensor, torch.Tensor]] = []
-        index = 0
-        for s, stage in enumerate(self.stages):
-            if s > mid and cfg.skip_connection:
+        # 3. U-shaped stages with long skips (LIFO pairing of mirrored stages): a decoder stage pops
+        #    before its first block, an encoder stage pushes after its last.
+        mid = len(cfg.num_layers) // 2
+        for index in self.block_range:
+            s, i = self._positions[index]
+            if i == 0 and s > mid and cfg.skip_connection:
                 skip_x, skip_c = skips.pop()
                 j = s - mid - 1
                 x_SBD = torch.cat([x_SBD, skip_x], dim=-1)
@@ -289,13 +387,13 @@ class SUVModel(MegatronModule):
                     x_SBD, c_LBD = self.skip_norms[j](x_SBD), self.skip_norms_text[j](c_LBD)
                 x_SBD = self.skip_linears[j](x_SBD)
                 c_LBD = self.skip_linears_text[j](c_LBD)
-            for block in stage:
-                x_SBD, c_LBD = self._run_block(
-                    index, block, x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL
-                )
-                index += 1
-            if s < mid and cfg.skip_connection:
+            x_SBD, c_LBD = self._run_block(
+                index, self.stages[s][i], x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL
+            )
+            if i == cfg.num_layers[s] - 1 and s < mid and cfg.skip_connection:
                 skips.append((x_SBD, c_LBD))
+        if not self.post_process:
+            return pack_stage_tensors(x_SBD, c_LBD, skips)
 
         # 4. Output head: LayerNorm, AdaNorm (its own LayerNorm, then shift/scale), projection.
         x_SBD = self.norm_final(x_SBD)
