@@ -13,6 +13,9 @@ the time from creating the iterator to the first batch (worker start-up included
     python benchmarks/data.py --json out.json          # also write every number as JSON
 
 The loaders compared are listed by `loader_factories`; each is measured with every worker count.
+Besides decoding alone they include the two training batch sources, decode + VAE/text encoding
+(`EncodedBatches`) and the latent/text-feature cache (`CachedBatches`, over a cache built first with
+`build_feature_cache`), with their ratios in a second table (`--no-cache` skips them).
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from megatron_video.data import DataConfig, VideoTextDataset, build_dataloader, set_epoch
+from megatron_video.data import (
+    DataConfig,
+    MegabatchBucketSampler,
+    VideoTextDataset,
+    build_dataloader,
+    set_epoch,
+)
 
 LoaderFactory = Callable[[int], DataLoader]
 """Worker count -> a DataLoader over one epoch of the benchmark data."""
@@ -78,9 +87,158 @@ def decoded_video_loader(args: argparse.Namespace) -> LoaderFactory:
 
 
 def loader_factories(args: argparse.Namespace) -> dict[str, LoaderFactory]:
-    """The loaders the benchmark compares, by name; a cached-feature loader is added here to be
-    measured against decoding with the same worker counts."""
-    return {"decode": decoded_video_loader(args)}
+    """The loaders the benchmark compares, by name: decoding alone, and (unless --no-cache) the
+    training batch sources: decode + VAE/text encoding vs reading the feature cache."""
+    decode = decoded_video_loader(args)
+    if args.no_cache:
+        return {"decode": decode}
+    return {"decode": decode, **feature_loaders(args, decode(0).dataset.cfg)}
+
+
+# -- cached features vs decode + encode -------------------------------------------------------------
+# "encode" is `EncodedBatches` (what training runs without a cache: decode in the loader's workers,
+# VAE posterior sample and text encoding in the main process); "cached" is `CachedBatches` over a
+# cache built here from the same data with `build_feature_cache`. Both read the same sampler order,
+# so they produce the same batches (checked once, below); their ratio is the time a cache saves.
+
+CACHE_VAES = {
+    "tiny": dict(flavor="tiny"),
+    "wfvae-m-quarter": dict(
+        flavor="wfvae_8x8x8_d32",
+        base_channels=40,
+        encoder_energy_flow_hidden_size=32,
+        decoder_energy_flow_hidden_size=32,
+    ),
+}
+"""VAEs the cache comparison can encode with (random weights: speed does not depend on them). The
+released v1.5 WF-VAE-M (8x8x8, 32 latent channels) at a quarter of its width is the default, as in
+benchmarks/vae.py; --quick uses the tiny one."""
+
+
+class _SourceEpochs:
+    """A training BatchSource read one epoch at a time through the DataLoader surface `time_epoch`
+    uses: `set_epoch` (as `batch_sampler` and `dataset`) positions it at the epoch's first micro-batch."""
+
+    def __init__(self, source, sampler: MegabatchBucketSampler, stride_t: int):
+        self.source, self.sampler, self.stride_t = source, sampler, stride_t
+        self.batch_sampler = self.dataset = self
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.source.load_state_dict({"consumed_samples": self.epoch * self.sampler.samples_per_epoch})
+        for _ in range(self.sampler.num_megabatches):
+            batch = self.source.next_batch()
+            b, _, t_lat = batch.x0_BCTHW.shape[:3]
+            yield {"train_batch": batch, "samples": b, "frames": 1 + (t_lat - 1) * self.stride_t}
+
+
+def batch_size_and_frames(batch) -> tuple[int, int]:
+    """(samples, pixel frames per sample) of a decoded batch or of a `_SourceEpochs` batch."""
+    if "video" in batch:
+        return batch["video"].shape[0], batch["video"].shape[2]
+    return batch["samples"], batch["frames"]
+
+
+def feature_loaders(args: argparse.Namespace, data_cfg: DataConfig) -> dict[str, LoaderFactory]:
+    """ "encode" and "cached" batch sources over the decode benchmark's data; builds the cache first."""
+    import atexit
+    import copy
+    import shutil
+
+    from megatron_video.config.loader import to_dict
+    from megatron_video.config.schema import build_config
+    from megatron_video.data.feature_cache import (
+        CachedBatches,
+        CachedFeatureDataset,
+        FeatureCache,
+        FeatureCacheConfig,
+        build_feature_cache,
+        merge_index,
+    )
+    from megatron_video.models.text.encoders import TextEncoderPair
+    from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+    from megatron_video.testing.vae import randomize_vae
+    from megatron_video.training.batches import EncodedBatches
+
+    vae_name = args.cache_vae or ("tiny" if args.quick else "wfvae-m-quarter")
+    vae_kw = dict(CACHE_VAES[vae_name])
+    flavor = vae_kw.pop("flavor")
+    vae = WFVAE(WFVAEConfig.from_flavor(flavor, **vae_kw))
+    randomize_vae(vae, seed=0)
+    vae.eval().requires_grad_(False)
+    data = {k: v for k, v in to_dict(data_cfg).items() if k not in ("vae_stride_t", "vae_stride_hw")}
+    cfg = build_config(
+        {
+            "model": {"flavor": "tiny"},
+            "vae": {"flavor": flavor, "checkpoint": None},
+            "text": {"context": {"kind": "minilm", "max_length": args.text_length}},
+            "data": data,
+            "training": {"micro_batch_size": args.batch_size, "global_batch_size": args.batch_size},
+        }
+    )
+    text = TextEncoderPair.from_config(cfg.text)
+    cache_dir = Path(tempfile.mkdtemp(prefix="feature_cache_"))
+    atexit.register(shutil.rmtree, cache_dir, True)
+    features = FeatureCacheConfig(cache_dir=str(cache_dir))
+    start = time.perf_counter()
+    stats = build_feature_cache(cfg, features, vae, text)
+    merge_index(cache_dir)
+    size = sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+    weights = sum(p.numel() * p.element_size() for m in (vae, text) for p in m.parameters())
+    print(
+        f"feature cache ({vae_name} VAE, MiniLM {args.text_length} tokens): {stats.encoded} samples encoded in "
+        f"{time.perf_counter() - start:.1f} s, {size / 2**20:.2f} MiB on disk; training from it loads no "
+        f"encoder weights ({weights / 2**20:.1f} MiB here)"
+    )
+    cache = FeatureCache(cache_dir)
+    # the batch sources roll over epochs by consumed samples; this sampler says how many an epoch has
+    sampler = MegabatchBucketSampler(
+        cache.bucket_keys, batch_size=args.batch_size, dp_rank=0, dp_size=1, drop_threshold=0
+    )
+
+    def stage_cfg(num_workers: int):
+        c = copy.deepcopy(cfg)
+        c.data.num_workers = num_workers
+        return c
+
+    def encoded(num_workers: int) -> _SourceEpochs:
+        c = stage_cfg(num_workers)
+        return _SourceEpochs(
+            EncodedBatches(c, VideoTextDataset(c.data), vae, text, 0, 1), sampler, vae.temporal_stride
+        )
+
+    def cached(num_workers: int) -> _SourceEpochs:
+        c = stage_cfg(num_workers)
+        dataset = CachedFeatureDataset(cache, c.data, c.captions, c.training.seed)
+        return _SourceEpochs(CachedBatches(c, dataset, 0, 1), sampler, vae.temporal_stride)
+
+    a, b = next(iter(encoded(0))), next(iter(cached(0)))
+    diff = (a["train_batch"].x0_BCTHW - b["train_batch"].x0_BCTHW).abs().max().item()
+    print(
+        f"same batches: first micro-batch latents differ by at most {diff:.1e} (per-clip vs batched VAE calls)"
+    )
+    return {"encode": encoded, "cached": cached}
+
+
+def print_cache_ratios(rows: list[Measurement]) -> None:
+    """Cached vs decode + encode (and vs decoding alone), per worker count, from the medians."""
+    by = {(m.loader, m.workers): m for m in rows}
+    workers = sorted({w for name, w in by if name == "cached"})
+    if not workers:
+        return
+    print()
+    print(
+        f"{'workers':>8}{'cached/encode samples/s':>25}{'encode/cached epoch s':>23}{'cached/decode samples/s':>25}"
+    )
+    for w in workers:
+        c, e, d = by[("cached", w)], by[("encode", w)], by[("decode", w)]
+        print(
+            f"{w:>8}{c.samples_per_s / e.samples_per_s:>25.1f}{e.epoch_s / c.epoch_s:>23.1f}"
+            f"{c.samples_per_s / d.samples_per_s:>25.1f}"
+        )
 
 
 def time_epoch(loader: DataLoader, epoch: int) -> tuple[float, float, int, int]:
@@ -93,8 +251,9 @@ def time_epoch(loader: DataLoader, epoch: int) -> tuple[float, float, int, int]:
         if first is None:
             first = time.perf_counter()
             continue
-        samples += batch["video"].shape[0]
-        frames += batch["video"].shape[0] * batch["video"].shape[2]
+        b, t = batch_size_and_frames(batch)
+        samples += b
+        frames += b * t
     end = time.perf_counter()
     return first - start, end - first, samples, frames
 
@@ -160,6 +319,13 @@ def parse_args() -> argparse.Namespace:
         "--max-hxw", type=int, default=128 * 224, help="largest sample area (Min-Max strategy)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--no-cache", action="store_true", help="skip the feature-cache comparison")
+    parser.add_argument(
+        "--cache-vae", choices=sorted(CACHE_VAES), default=None, help="default: tiny with --quick"
+    )
+    parser.add_argument(
+        "--text-length", type=int, default=128, help="MiniLM tokens per caption (cache comparison)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds: checks that the script works")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
@@ -188,6 +354,7 @@ def main() -> None:
         rows = run(factories, args.workers, args.rounds)
     print()
     print_table(rows)
+    print_cache_ratios(rows)
     print(f"Elapsed {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -20,6 +20,7 @@ from megatron_video.config.loader import (
 )
 from megatron_video.config.training import TrainingConfig
 from megatron_video.data.config import DataConfig
+from megatron_video.data.feature_cache import FeatureCacheConfig
 from megatron_video.data.i2v_masks import I2VMaskConfig
 from megatron_video.data.text import TextConfig
 from megatron_video.models.suv.config import FLAVORS, SUVConfig
@@ -138,12 +139,17 @@ class ExperimentConfig:
     i2v: I2VMaskConfig = field(default_factory=I2VMaskConfig)
     """Image-to-video mask types and condition noise (I2V training only)."""
 
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    """Latent / text-feature cache: T2V stages read tools/build_feature_cache.py output instead of
+    running the VAE and text encoder (cache_dir None = encode online)."""
+
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix; needs no process group."""
         self.model.validate()
         self.training.validate()
         self.i2v.validate()
         self.captions.validate()
+        self.features.validate()
         if self.data.data_list is not None:
             self.data.validate()
             if self.parallel.context_parallel > 1 and self.data.media != "videos":
@@ -151,8 +157,10 @@ class ExperimentConfig:
                     f"parallel.context_parallel={self.parallel.context_parallel} splits latent frames, and an image has "
                     "one; set data.media=videos for this stage (v1.5 trains video stages on videos only)"
                 )
-            self.text.validate()
-            text_width = _text_width(self.text)
+            text_width = None
+            if self.features.cache_dir is None:  # a cached run needs no encoder weights
+                self.text.validate()
+                text_width = _text_width(self.text)
             if text_width is not None and text_width != self.model.caption_channels:
                 raise ConfigError(
                     f"model.caption_channels={self.model.caption_channels} but the text encoder gives "

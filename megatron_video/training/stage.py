@@ -136,10 +136,11 @@ def run_stage(
     cfg: ExperimentConfig, task: str, stage_dir: str | Path, runtime: Runtime | None = None
 ) -> StageResult:
     """Train one stage into `stage_dir` (checkpoints/, tensorboard/, final_*.safetensors)."""
-    from megatron_video.data.dataset import VideoTextDataset
-    from megatron_video.training.batches import EncodedBatches
-
     stage_dir = Path(stage_dir)
+    if cfg.features.cache_dir and task == "i2v":
+        from megatron_video.data.feature_cache import I2V_UNSUPPORTED
+
+        raise ConfigError(I2V_UNSUPPORTED)
     t = cfg.training
     t.checkpoint.save_dir = t.checkpoint.save_dir or str(stage_dir / "checkpoints")
     t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
@@ -153,20 +154,7 @@ def run_stage(
     if t.checkpoint.init_from and not has_checkpoint:
         initialize_from(model, runtime, cfg, t.checkpoint.init_from)
     trainer = Trainer(cfg, runtime, model)
-    vae = build_vae(cfg.vae, runtime.device)
-    text = build_text_encoder(cfg, runtime.device)
-    dataset = VideoTextDataset(cfg.data)
-    batches = EncodedBatches(
-        cfg,
-        dataset,
-        vae,
-        text,
-        runtime.dp_rank,
-        runtime.dp_size,
-        task,
-        device=runtime.device,
-        encoder_group=encoder_group(cfg),
-    )
+    batches = build_batches(cfg, runtime, task)
 
     if has_checkpoint:
         state = ckpt.load_checkpoint(
@@ -201,6 +189,31 @@ def run_stage(
 
     final_model, final_ema = _export(trainer, runtime, cfg, stage_dir)
     return StageResult(stage_dir, final_model, final_ema, losses)
+
+
+def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
+    """The stage's BatchSource: the feature cache when features.cache_dir is set, else online encoding."""
+    if cfg.features.cache_dir:
+        from megatron_video.data.feature_cache import CachedBatches, CachedFeatureDataset
+
+        dataset = CachedFeatureDataset.from_config(cfg.features.cache_dir, cfg, cfg.features)
+        return CachedBatches(cfg, dataset, runtime.dp_rank, runtime.dp_size, task, device=runtime.device)
+    from megatron_video.data.dataset import VideoTextDataset
+    from megatron_video.training.batches import EncodedBatches
+
+    vae = build_vae(cfg.vae, runtime.device)
+    text = build_text_encoder(cfg, runtime.device)
+    return EncodedBatches(
+        cfg,
+        VideoTextDataset(cfg.data),
+        vae,
+        text,
+        runtime.dp_rank,
+        runtime.dp_size,
+        task,
+        device=runtime.device,
+        encoder_group=encoder_group(cfg),
+    )
 
 
 def encoder_group(cfg: ExperimentConfig):
