@@ -70,6 +70,12 @@ def main(argv=None) -> int:
     if not prompts:
         print("give --prompt or --prompts-file", file=sys.stderr)
         return 2
+    if cfg.parallel.pipeline_parallel > 1:
+        print(
+            "sampling splits one video with tensor and context parallel; set parallel.pipeline_parallel=1",
+            file=sys.stderr,
+        )
+        return 2
     runtime = setup_parallel(cfg, init_distributed(cfg))
     task = "i2v" if args.image else "t2v"
     model = build_denoiser(cfg, runtime, task).eval()

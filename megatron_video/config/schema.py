@@ -151,11 +151,11 @@ class ExperimentConfig:
         self.captions.validate()
         self.features.validate()
         if self.data.data_list is not None:
-            if self.parallel.pipeline_parallel > 1:
+            if self.parallel.virtual_pipeline is not None:
                 raise ConfigError(
-                    "parallel.pipeline_parallel > 1: training stages (pretrain_t2v.py / pretrain_i2v.py) build one "
-                    "model chunk per rank in this version; pipeline stages are available to the Trainer API "
-                    "(megatron_video.parallel.pipeline.build_model_chunks). Use tensor / context parallel here"
+                    "parallel.virtual_pipeline: training stages run the plain 1F1B pipeline schedule (one chunk "
+                    "per rank, so checkpoints keep one EMA per rank); the interleaved schedule is available to the "
+                    "Trainer API (megatron_video.parallel.pipeline.build_model_chunks). Unset virtual_pipeline"
                 )
             self.data.validate()
             if self.parallel.context_parallel > 1 and self.data.media != "videos":

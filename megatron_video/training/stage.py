@@ -82,21 +82,49 @@ def build_text_encoder(cfg: ExperimentConfig, device: torch.device):
 # -- the denoiser and its initial weights -----------------------------------------------------------
 
 
-def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVModel:
-    """SUV model for this rank (I2V adds the inpainting conditioning)."""
+def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVModel | list[SUVModel]:
+    """SUV model for this rank (I2V adds the inpainting conditioning); its list of pipeline chunks
+    when pipeline_parallel > 1."""
     mask_channels = None
     if task == "i2v":
         from megatron_video.config.schema import vae_strides
 
         mask_channels = vae_strides(cfg.vae)[0]
-    model = SUVModel(
-        cfg.model, runtime.plan, cfg.runtime.attention_backend, inpaint_mask_channels=mask_channels
-    )
-    return model.to(runtime.device)
+
+    def make(blocks: range | None = None) -> SUVModel:
+        model = SUVModel(
+            cfg.model,
+            runtime.plan,
+            cfg.runtime.attention_backend,
+            inpaint_mask_channels=mask_channels,
+            blocks=blocks,
+        )
+        return model.to(runtime.device)
+
+    if runtime.pp_size == 1:
+        return make()
+    from megatron_video.parallel.pipeline import build_model_chunks
+
+    return build_model_chunks(make, cfg.model.total_layers)
 
 
-def initialize_from(model: SUVModel, runtime: Runtime, cfg: ExperimentConfig, source: str) -> None:
-    """Load weights exported by an earlier stage (or any flat export), applying the transition."""
+class _MergedState:
+    """The union of several chunks' state dicts, where a conversion needs freshly built tensors."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def state_dict(self) -> dict:
+        out = {}
+        for chunk in self.chunks:
+            out.update(chunk.state_dict())
+        return out
+
+
+def initialize_from(model, runtime: Runtime, cfg: ExperimentConfig, source: str) -> None:
+    """Load weights exported by an earlier stage (or any flat export) into this rank's model or
+    pipeline chunks, applying the transition."""
+    chunks = model if isinstance(model, list) else [model]
     full, saved_cfg = load_flat(source)
     if saved_cfg is not None:
         prev = SUVConfig(**saved_cfg)
@@ -106,8 +134,11 @@ def initialize_from(model: SUVModel, runtime: Runtime, cfg: ExperimentConfig, so
                     f"cannot re-stage {source}: it already has U-skips ({prev.num_layers}); only a dense "
                     "model without skips converts to a new stage layout"
                 )
-            full = convert_dense_to_suv(full, prev, cfg.model, model)
-    new = load_full_into(model, runtime.plan, full)
+            full = convert_dense_to_suv(full, prev, cfg.model, _MergedState(chunks))
+    new = []
+    for chunk in chunks:
+        names = set(chunk.state_dict())
+        new += load_full_into(chunk, runtime.plan, {k: v for k, v in full.items() if k in names})
     unexpected_new = [k for k in new if not k.startswith(("inpaint.", "skip_linears", "skip_norms"))]
     if unexpected_new:
         raise KeyError(f"{source} lacks weights for {sorted(unexpected_new)}")
@@ -201,6 +232,7 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
     from megatron_video.data.dataset import VideoTextDataset
     from megatron_video.training.batches import EncodedBatches
 
+    torch.manual_seed(cfg.training.seed)  # a random-init VAE (tests) is then the same in every layout
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
     return EncodedBatches(
@@ -259,11 +291,28 @@ def _save(trainer: Trainer, batches, runtime: Runtime, cfg: ExperimentConfig) ->
 def _export(
     trainer: Trainer, runtime: Runtime, cfg: ExperimentConfig, stage_dir: Path
 ) -> tuple[Path, Path | None]:
-    """Flat raw and EMA weights of the final model (rank 0 writes)."""
-    raw = gather_full_state_dict(trainer.model, runtime.plan)
-    ema = gather_full_state_dict(trainer.model, runtime.plan, trainer.ema.shadow) if trainer.ema else None
+    """Flat raw and EMA weights of the final model, merged over TP and PP (rank 0 writes)."""
+    chunks = trainer.model if isinstance(trainer.model, list) else [trainer.model]
+    raw, ema = {}, ({} if trainer.ema else None)
+    for chunk in chunks:
+        raw.update(gather_full_state_dict(chunk, runtime.plan))
+        if ema is not None:
+            names = {n for n, _ in chunk.named_parameters()}
+            shadow = {k: v for k, v in trainer.ema.shadow.items() if k in names}
+            ema.update(gather_full_state_dict(chunk, runtime.plan, shadow))
+    if runtime.pp_size > 1:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_pipeline_model_parallel_group()
+        parts = [None] * runtime.pp_size
+        dist.all_gather_object(parts, (raw, ema), group=group)
+        raw, ema = {}, ({} if ema is not None else None)
+        for part_raw, part_ema in parts:
+            raw.update(part_raw)
+            if ema is not None:
+                ema.update(part_ema)
     model_path, ema_path = stage_dir / "final_model.safetensors", stage_dir / "final_ema.safetensors"
-    if runtime.is_main and runtime.plan.cp_rank == 0:
+    if runtime.is_main:
         save_flat(model_path, raw, cfg.model)
         if ema is not None:
             save_flat(ema_path, ema, cfg.model)

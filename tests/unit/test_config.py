@@ -112,9 +112,17 @@ def test_validation_errors(extra, message):
         _build(extra)
 
 
-def test_training_stage_rejects_pipeline_parallel_before_launch():
-    with pytest.raises(ConfigError, match="pipeline_parallel > 1"):
-        load_config(EXAMPLES / "tiny" / "t2v.yaml", ["parallel.pipeline_parallel=2"])
+def test_training_stage_rejects_virtual_pipeline_before_launch():
+    with pytest.raises(ConfigError, match="interleaved schedule"):
+        load_config(
+            EXAMPLES / "tiny" / "t2v.yaml", ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=5"]
+        )
+    assert (
+        load_config(
+            EXAMPLES / "tiny" / "t2v.yaml", ["parallel.pipeline_parallel=2"]
+        ).parallel.pipeline_parallel
+        == 2
+    )
 
 
 def test_bad_override_syntax():
