@@ -292,6 +292,47 @@ def build_dataloader(
     )
 
 
+class ResumableLoader:
+    """This data-parallel rank's micro-batches, continuing from a count of samples consumed by all
+    data-parallel ranks together; at the end of an epoch the sampler rolls into the next one.
+
+    `build_dataloader` arguments are passed through; `restart(n)` continues after n samples.
+    """
+
+    def __init__(self, dataset, *, dp_rank: int, dp_size: int, consumed_samples: int = 0, **loader_kwargs):
+        self.dataset, self.dp_rank, self.dp_size = dataset, dp_rank, dp_size
+        self.loader_kwargs = loader_kwargs
+        self.consumed_samples = consumed_samples
+        self.epoch: int | None = None
+        """Epoch of the batches being served (set when the underlying loader is built)."""
+        self._iterator = None
+
+    def restart(self, consumed_samples: int) -> None:
+        """Serve from `consumed_samples` on (the sampler skips exactly that many)."""
+        self.consumed_samples = consumed_samples
+        self._iterator = None
+
+    def next(self) -> dict[str, Any]:
+        """The next collated micro-batch."""
+        if self._iterator is None:
+            loader = build_dataloader(
+                self.dataset,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+                consumed_samples=self.consumed_samples,
+                **self.loader_kwargs,
+            )
+            self.epoch = loader.batch_sampler.epoch
+            self._iterator = iter(loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = None
+            return self.next()
+        self.consumed_samples += len(batch["index"]) * self.dp_size
+        return batch
+
+
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of a `build_dataloader` loader's sampler and dataset (before iterating it)."""
     loader.batch_sampler.set_epoch(epoch)

@@ -80,7 +80,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatron_video.data.annotations import read_data_list
 from megatron_video.data.config import DataConfig
-from megatron_video.data.dataset import SamplePlan, VideoTextDataset, build_dataloader
+from megatron_video.data.dataset import ResumableLoader, SamplePlan, VideoTextDataset
 from megatron_video.data.text import (
     HIGH_AESTHETIC_NOTICES,
     LOW_AESTHETIC_NOTICES,
@@ -1051,11 +1051,26 @@ class CachedBatches:
         self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
         self.shift = dataset.cache.shift.to(self.device)
         self.scale = dataset.cache.scale.to(self.device)
-        self.consumed_samples = consumed_samples
-        self._iterator = None
-        self._epoch = None
+        self._loader = ResumableLoader(
+            dataset,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            consumed_samples=consumed_samples,
+            global_batch_size=cfg.training.global_batch_size,
+            collate_fn=collate_features,
+        )
 
     # -- position (as EncodedBatches) ------------------------------------------------------------
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples consumed by all data-parallel ranks together."""
+        return self._loader.consumed_samples
+
+    @property
+    def epoch(self) -> int | None:
+        """Epoch of the batches being served (None before the first one)."""
+        return self._loader.epoch
 
     def state_dict(self) -> dict:
         """Samples consumed by all data-parallel ranks together."""
@@ -1063,33 +1078,7 @@ class CachedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after `consumed_samples` (the sampler skips exactly that many)."""
-        self.consumed_samples = state["consumed_samples"]
-        self._iterator = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the loader at `epoch` (used by tools that iterate epochs explicitly)."""
-        self._iterator = None
-        self._epoch = epoch
-
-    def _next_raw(self) -> dict:
-        if self._iterator is None:
-            loader = build_dataloader(
-                self.dataset,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-                consumed_samples=self.consumed_samples,
-                global_batch_size=self.cfg.training.global_batch_size,
-                collate_fn=collate_features,
-            )
-            self._epoch = loader.batch_sampler.epoch
-            self._iterator = iter(loader)
-        try:
-            raw = next(self._iterator)
-        except StopIteration:
-            self._iterator = None
-            return self._next_raw()
-        self.consumed_samples += len(raw["index"]) * self.dp_size
-        return raw
+        self._loader.restart(state["consumed_samples"])
 
     # -- batches ------------------------------------------------------------------------------------
 
@@ -1097,8 +1086,8 @@ class CachedBatches:
     def next_batch(self) -> TrainBatch:
         from megatron_video.training.loop import TrainBatch
 
-        raw = self._next_raw()
-        epoch = self._epoch or 0
+        raw = self._loader.next()
+        epoch = self._loader.epoch or 0
         indices = [int(i) for i in raw["index"]]
         pooled = raw["pooled_BP"]
         cond = {

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_video.config.schema import ExperimentConfig
-from megatron_video.data.dataset import VideoTextDataset, build_dataloader, set_epoch
+from megatron_video.data.dataset import ResumableLoader, VideoTextDataset
 from megatron_video.data.i2v_masks import I2VMasker, compress_mask
 from megatron_video.data.sampler import MegabatchBucketSampler
 from megatron_video.data.text import CaptionProcessor
@@ -55,8 +55,13 @@ class EncodedBatches:
         self.captions = CaptionProcessor.from_encoders(cfg.captions, cfg.text)
         self.masker = I2VMasker(cfg.i2v) if task == "i2v" else None
         self.consumed_samples = consumed_samples
-        self._iterator: Iterator | None = None
-        self._epoch = None
+        self._loader = ResumableLoader(
+            dataset,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            consumed_samples=consumed_samples,
+            global_batch_size=cfg.training.global_batch_size,
+        )
         # Encoder data parallel: the process group of the TP x CP ranks that share this replica's batches.
         self.encoder_group = encoder_group
         self.encoder_size = 1 if encoder_group is None else dist.get_world_size(encoder_group)
@@ -66,6 +71,11 @@ class EncodedBatches:
 
     # -- position ---------------------------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int | None:
+        """Epoch of the batches being served (None before the first one)."""
+        return self._loader.epoch
+
     def state_dict(self) -> dict:
         """Samples consumed by all data-parallel ranks together."""
         return {"consumed_samples": self.consumed_samples}
@@ -73,35 +83,15 @@ class EncodedBatches:
     def load_state_dict(self, state: dict) -> None:
         """Continue after `consumed_samples` (the sampler skips exactly that many)."""
         self.consumed_samples = state["consumed_samples"]
-        self._iterator = None
+        self._loader.restart(self.consumed_samples)
         self._ready, self._read_samples, self._index_iter = [], self.consumed_samples, None
-
-    def _next_raw(self) -> dict:
-        if self._iterator is None:
-            loader = build_dataloader(
-                self.dataset,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-                consumed_samples=self.consumed_samples,
-                global_batch_size=self.cfg.training.global_batch_size,
-            )
-            self._epoch = loader.batch_sampler.epoch
-            self._iterator = iter(loader)
-        try:
-            raw = next(self._iterator)
-        except StopIteration:
-            # The sampler rolls into the next epoch from its consumed-sample position.
-            self._iterator = None
-            return self._next_raw()
-        self.consumed_samples += len(raw["index"]) * self.dp_size
-        return raw
-
-    # -- encoding ---------------------------------------------------------------------------------
 
     def next_batch(self) -> TrainBatch:
         """The replica's next micro-batch, encoded."""
         if self.encoder_size == 1:
-            return self._encode_batch(self._next_raw(), self._epoch or 0)
+            raw = self._loader.next()
+            self.consumed_samples = self._loader.consumed_samples
+            return self._encode_batch(raw, self._loader.epoch or 0)
         if not self._ready:
             self._fill_with_encoder_data_parallel()
         self.consumed_samples += self.cfg.data.batch_size * self.dp_size
@@ -219,11 +209,6 @@ class EncodedBatches:
             z = posterior.mean + posterior.std * noise
         return (z - self.vae.shift) * self.vae.scale
 
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the loader at `epoch` (used by tools that iterate epochs explicitly)."""
-        self._iterator = None
-        self._epoch = epoch
-
 
 def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     def move(t):
@@ -234,4 +219,4 @@ def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     )
 
 
-__all__ = ["CONTEXT", "POOLED", "EncodedBatches", "sample_generator", "set_epoch"]
+__all__ = ["CONTEXT", "POOLED", "EncodedBatches", "sample_generator"]

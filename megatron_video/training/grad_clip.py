@@ -14,6 +14,7 @@ scaled by 1 / (fraction of healthy ranks); statistics follow the same EMA on the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,8 +28,23 @@ class ClipDecision:
     threshold: float = math.inf
 
 
+class _ClipStatistics:
+    """Checkpointing of a rule's statistics: every field except its settings."""
+
+    _settings = ("decay", "max_norm")
+
+    def state_dict(self) -> dict:
+        """Statistics for the checkpoint."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._settings}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore statistics from a checkpoint."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 @dataclass
-class AdaptiveGradClip:
+class AdaptiveGradClip(_ClipStatistics):
     """EMA mean + 3 sigma clipping with extreme-step skipping."""
 
     decay: float = 0.99
@@ -65,24 +81,9 @@ class AdaptiveGradClip:
         """Current clipping threshold mu + 3 sigma (inf before the first step)."""
         return self.mu + 3.0 * math.sqrt(self.var) if self.initialized else math.inf
 
-    def state_dict(self) -> dict:
-        """Statistics for the checkpoint."""
-        return dict(
-            mu=self.mu,
-            var=self.var,
-            initialized=self.initialized,
-            skipped_steps=self.skipped_steps,
-            clipped_steps=self.clipped_steps,
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore statistics from a checkpoint."""
-        for key, value in state.items():
-            setattr(self, key, value)
-
 
 @dataclass
-class FixedGradClip:
+class FixedGradClip(_ClipStatistics):
     """Clip to a fixed global norm; non-finite norms skip the step."""
 
     max_norm: float = 1.0
@@ -103,13 +104,6 @@ class FixedGradClip:
     def threshold(self) -> float:
         return self.max_norm
 
-    def state_dict(self) -> dict:
-        return dict(skipped_steps=self.skipped_steps, clipped_steps=self.clipped_steps)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
 
 @dataclass
 class NoGradClip(FixedGradClip):
@@ -119,7 +113,7 @@ class NoGradClip(FixedGradClip):
 
 
 @dataclass
-class BatchDropClip:
+class BatchDropClip(_ClipStatistics):
     """Per-rank dropping of abnormal local gradients before the data-parallel reduction."""
 
     decay: float = 0.99
@@ -162,19 +156,6 @@ class BatchDropClip:
     @property
     def threshold(self) -> float:
         return self.mu + 3.0 * math.sqrt(self.var) if self.initialized else math.inf
-
-    def state_dict(self) -> dict:
-        return dict(
-            mu=self.mu,
-            var=self.var,
-            initialized=self.initialized,
-            dropped_rank_steps=self.dropped_rank_steps,
-            skipped_steps=self.skipped_steps,
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 def build_clipper(mode: str, max_norm: float = 1.0, ema_decay: float = 0.99):

@@ -199,13 +199,13 @@ def run_stage(
     log = MetricsLogger(
         runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval, str(stage_dir / "metrics.jsonl")
     )
+    tokens, flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
     stop = StopSignal()
     losses = []
     try:
         while trainer.step < t.steps:
             metrics = trainer.train_step(batches)
             losses.append(metrics["loss"])
-            tokens, flops = _step_work(cfg, batches)
             log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
             stopping = stop.agreed()
             if trainer.step % t.checkpoint.save_interval == 0 or trainer.step == t.steps or stopping:
@@ -258,7 +258,7 @@ def encoder_group(cfg: ExperimentConfig):
     return parallel_state.get_tensor_and_context_parallel_group()
 
 
-def _step_work(cfg: ExperimentConfig, batches) -> tuple[int, float]:
+def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
     """(video tokens, model FLOPs) of one global batch at the configured largest shape."""
     s, m = cfg.shape, cfg.model
     lat_t = s.latent_frames

@@ -325,36 +325,6 @@ def sample_noise_generators(seed: int, step: int, positions: range) -> list[torc
 # --------------------------------------------------------------------------------------------------
 
 
-class VideoBatches:
-    """This rank's micro-batches of decoded clips, resumable from the consumed-sample count."""
-
-    def __init__(self, dataset, dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        self.dataset, self.dp_rank, self.dp_size = dataset, dp_rank, dp_size
-        self.consumed_samples = consumed_samples
-        self._iterator = None
-
-    def next_batch(self) -> dict:
-        """The next micro-batch (the sampler rolls into the next epoch by itself)."""
-        from megatron_video.data.dataset import build_dataloader
-
-        if self._iterator is None:
-            loader = build_dataloader(
-                self.dataset,
-                dp_rank=self.dp_rank,
-                dp_size=self.dp_size,
-                consumed_samples=self.consumed_samples,
-                global_batch_size=self.dataset.cfg.batch_size * self.dp_size,
-            )
-            self._iterator = iter(loader)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self._iterator = None
-            return self.next_batch()
-        self.consumed_samples += len(batch["index"]) * self.dp_size
-        return batch
-
-
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
@@ -664,7 +634,7 @@ def run_training(cfg: VAETrainConfig, device: torch.device | str | None = None) 
 
     Expects a process group (or none for one process); `device` defaults to the CPU.
     """
-    from megatron_video.data.dataset import VideoTextDataset
+    from megatron_video.data.dataset import ResumableLoader, VideoTextDataset
 
     device = torch.device(device or "cpu")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -693,14 +663,20 @@ def run_training(cfg: VAETrainConfig, device: torch.device | str | None = None) 
         )
 
     dataset = VideoTextDataset(cfg.data)
-    batches = VideoBatches(dataset, rank, world, trainer.consumed_samples)
+    batches = ResumableLoader(
+        dataset,
+        dp_rank=rank,
+        dp_size=world,
+        consumed_samples=trainer.consumed_samples,
+        global_batch_size=dataset.cfg.batch_size * world,
+    )
     log = VAEMetricsLog(cfg, rank == 0, trainer.step)
     start = time.perf_counter()
     while trainer.step < cfg.steps:
         step = trainer.step
         phase = gan_phase(step, cfg.loss.disc_start) if trainer.discriminator is not None else "generator"
         t0 = time.perf_counter()
-        metrics = trainer.train_step(batches.next_batch())
+        metrics = trainer.train_step(batches.next())
         metrics["step_time_s"] = time.perf_counter() - t0  # data + compute on rank 0
         log.log(step, phase, metrics)
         if trainer.step % cfg.checkpoint.save_interval == 0 or trainer.step == cfg.steps:

@@ -7,10 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_video.errors import ConfigError
+from megatron_video.errors import CheckpointMismatch, ConfigError
 from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
 from megatron_video.models.causal_vae import state_dict_adapter as adapter
-from megatron_video.models.suv.state_dict_adapter import CheckpointMismatch
 from megatron_video.testing.vae import random_video, tiny_causal_vae
 
 

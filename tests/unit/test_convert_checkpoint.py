@@ -48,7 +48,7 @@ def test_released_to_flat_to_released_round_trip(megatron_single, tmp_path):
 def test_bad_key_is_named(megatron_single, tmp_path):
     import pytest
 
-    from megatron_video.models.suv.state_dict_adapter import CheckpointMismatch
+    from megatron_video.errors import CheckpointMismatch
 
     tool = _tool()
     cfg = tiny_config()

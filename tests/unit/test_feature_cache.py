@@ -208,7 +208,7 @@ def test_cached_batches_equal_online_batches_across_an_epoch(
         assert torch.equal(b.loss_mask_BTHW, a.loss_mask_BTHW)
         dropped += int((b.cond["text_mask_BL"].sum(1) <= 2).sum())  # "" tokenises to [CLS] [SEP]
     assert cached.state_dict() == online.state_dict()
-    assert cached._epoch == online._epoch == 1
+    assert cached.epoch == online.epoch == 1
     assert dropped > 0, "caption_dropout=0.5 should have dropped some captions"
 
     # A resumed source continues with the batch the running one gives next.

@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from megatron_video.errors import ConfigError
-from megatron_video.models.suv.state_dict_adapter import CheckpointMismatch
+from megatron_video.errors import CheckpointMismatch, ConfigError
 from megatron_video.models.wfvae import WFVAE, TemporalCache, WFVAEConfig
 from megatron_video.models.wfvae import state_dict_adapter as adapter
 from megatron_video.models.wfvae.model import (

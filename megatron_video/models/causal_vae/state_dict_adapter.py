@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_video.errors import ConfigError
+from megatron_video.errors import CheckpointMismatch, ConfigError
 from megatron_video.models.causal_vae.config import CausalVAEConfig
 from megatron_video.models.causal_vae.model import CausalVAE
-from megatron_video.models.suv.state_dict_adapter import CheckpointMismatch
 from megatron_video.models.wfvae.state_dict_adapter import (
     read_folder,
     read_training_checkpoint,

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
+from megatron_video.errors import CheckpointMismatch
 from megatron_video.models.suv.config import SUVConfig
 
 # Our block-relative name -> released block-relative name, for one-to-one tensors.
@@ -58,13 +59,6 @@ _OSP_DIM0 = re.compile(
     r"(attn1\.(to_[qkv]|add_[qkv]_proj)\.(weight|bias)|net\.0\.proj\.(weight|bias)|(^|\.)linear\.(weight|bias))$"
 )
 _OSP_DIM1 = re.compile(r"(attn1\.to_out\.0\.weight|attn1\.to_add_out\.weight|net\.2\.weight)$")
-
-
-class CheckpointMismatch(KeyError):
-    """Keys or shapes that do not fit the model, listed by name."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

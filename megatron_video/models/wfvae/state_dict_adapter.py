@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_video.errors import ConfigError
-from megatron_video.models.suv.state_dict_adapter import CheckpointMismatch
+from megatron_video.errors import CheckpointMismatch, ConfigError
 from megatron_video.models.wfvae.config import WFVAEConfig
 from megatron_video.models.wfvae.model import WFVAE, haar_2d_kernels, haar_3d_kernels
 
