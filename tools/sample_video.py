@@ -1,11 +1,22 @@
-"""Generate videos from a trained SUV model: T2V from prompts, I2V from condition images.
+"""Generate videos from a trained SUV model: text-to-video, image-to-video, transition, continuation.
 
     torchrun --nproc_per_node N tools/sample_video.py --config STAGE.yaml --weights final_ema.safetensors \
-        --prompt "a red car drives down a street" [--image first.jpg [--image last.jpg]] \
-        [--num-frames 9 --height 64 --width 64 --steps 20 --guidance-scale 4 --seed 0] --out-dir samples/
+        --prompt "a red car drives down a street" [--prompts-file prompts.txt] \
+        [--image first.jpg [--image last.jpg] | --video clip.mp4 --condition-frames 9] \
+        [--num-frames 9 --height 64 --width 64 --steps 50 --guidance-scale 8 --seed 0] \
+        [--cfg-parallel] --out-dir samples/
 
-The stage config gives the model geometry, VAE, text encoder and parallel layout (tensor and
-context parallel split one video over the ranks); every rank runs the sampler, rank 0 writes.
+Layout: the stage config's tensor / context (Ulysses) parallel sizes split one video over the ranks
+of a replica; the remaining processes are data-parallel replicas that take every n-th prompt, or,
+with --cfg-parallel, pairs of replicas running the conditional and unconditional branches. One
+rank per replica (pair) writes sample_<prompt index>.mp4 for its prompts.
+
+Weights: a flat export (final_ema.safetensors or final_model.safetensors beside its .json) or a
+training checkpoint directory (EMA weights unless --raw). Samplers: flow_euler for rectified-flow
+models (static shift 7.0 or --linear-quadratic; CFG 8.0, rescale 0.7, template "high quality, {}" as
+in v1.5); euler_ancestral (default), euler, ddim or ddpm for v-prediction / epsilon models
+(training.objective.kind in the config; CFG 7.5, no rescale, "high quality, high aesthetic, {}" as in
+v1.3).
 """
 
 from __future__ import annotations
@@ -20,45 +31,122 @@ import torch.distributed as dist
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="stage config YAML (model, vae, text, parallel)")
-    p.add_argument("--weights", required=True, help="flat export (.safetensors beside its .json)")
+    p.add_argument(
+        "--config", required=True, help="stage config YAML (model, vae, text, parallel, objective)"
+    )
+    p.add_argument(
+        "--weights", required=True, help="flat export (.safetensors) or a training checkpoint directory"
+    )
+    p.add_argument("--raw", action="store_true", help="checkpoint directory: raw weights instead of the EMA")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument(
-        "--image", action="append", default=[], help="condition image(s): one = i2v, two = transition"
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="condition image(s): one = i2v, two = first/last transition",
     )
+    cond.add_argument("--video", help="condition video: its first --condition-frames frames are continued")
+    p.add_argument("--condition-frames", type=int, default=None, help="frames of --video kept (default: 1/4)")
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--shift", type=float, default=7.0)
-    p.add_argument("--linear-quadratic", action="store_true")
-    p.add_argument("--guidance-scale", type=float, default=8.0)
-    p.add_argument("--guidance-rescale", type=float, default=0.7)
+    p.add_argument("--sampler", default=None, help="flow_euler, or euler_ancestral / euler / ddim / ddpm")
+    p.add_argument("--shift", type=float, default=7.0, help="flow: static sigma shift")
+    p.add_argument("--linear-quadratic", action="store_true", help="flow: linear-quadratic schedule")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default 8.0 (flow) / 7.5 (DDPM)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="default 0.7 (flow) / 0 (DDPM)")
+    p.add_argument("--prompt-template", default=None, help="default 'high quality, {}' (v1.5)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cfg-parallel", action="store_true", help="conditional / unconditional branch on two replicas"
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="prompts denoised together per replica")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of prompt 0 (prompt i: seed + i)")
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--out-dir", default="samples")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def load_image(path: str, height: int, width: int) -> torch.Tensor:
     """An image as [3, H, W] in [-1, 1], centre-cropped to the aspect and resized."""
-    import numpy as np
-    from PIL import Image
-
     from megatron_video.data.resolution import center_crop_resize
+    from megatron_video.data.video_io import read_image
 
-    img = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None]
-    out = center_crop_resize(img, (height, width))
-    return out[0].float() / 127.5 - 1 if out.dtype == torch.uint8 else out[0].float().clamp(-1, 1)
+    img = torch.from_numpy(read_image(path)).permute(0, 3, 1, 2).float()
+    return (center_crop_resize(img, (height, width))[0] / 127.5 - 1).clamp(-1, 1)
+
+
+def load_video_start(path: str, frames: int, height: int, width: int, fps: float) -> torch.Tensor:
+    """The first `frames` frames of a video at `fps` as [K, 3, H, W] in [-1, 1]."""
+    from megatron_video.data.frames import frame_interval, resample_indices
+    from megatron_video.data.resolution import center_crop_resize
+    from megatron_video.data.video_io import probe_video, read_video_frames
+
+    info = probe_video(path)
+    interval = frame_interval(info.fps, fps)
+    # Containers that state no frame count: ask for exactly the frames needed (decoding checks the end).
+    available = info.num_frames or int(frames * interval) + 1
+    indices = resample_indices(0, available, interval)[:frames]
+    if len(indices) < frames:
+        raise ValueError(
+            f"{path} has {len(indices)} frames at {fps} fps; --condition-frames asks for {frames}"
+        )
+    video = torch.from_numpy(read_video_frames(path, indices)).permute(0, 3, 1, 2).float()
+    return (center_crop_resize(video, (height, width)) / 127.5 - 1).clamp(-1, 1)
+
+
+def _pick(given, flow_default, ddpm_default, flow: bool):
+    """An argument's value, or the v1.5 (flow) / v1.3 (DDPM) default."""
+    if given is not None:
+        return given
+    return flow_default if flow else ddpm_default
+
+
+def _error(message: str) -> int:
+    print(f"sample_video: {message}", file=sys.stderr)
+    return 2
+
+
+def load_weights(model, runtime, path: str, raw: bool) -> None:
+    """Flat export or training checkpoint (EMA unless raw) into this rank's shard of the model."""
+    from megatron_video.training.export import load_flat, load_full_into
+
+    if Path(path).is_dir():
+        from megatron_video.training import checkpoint as ckpt
+        from megatron_video.training.ema import ParamEMA
+        from megatron_video.training.loop import wrap_ddp
+
+        ema = None if raw else ParamEMA(model, 0.0)
+        state = ckpt.load_checkpoint(
+            path, [wrap_ddp(model, runtime.plan, False)], None, None, ema=ema, load_optimizer=False
+        )
+        if state is None:
+            raise FileNotFoundError(f"{path} holds no checkpoint (no `latest` and no iteration directory)")
+        if ema is not None:
+            ema.copy_to(model)
+        return
+    full, _ = load_flat(path)
+    missing = load_full_into(model, runtime.plan, full)
+    if missing:
+        raise KeyError(f"{path} lacks {sorted(missing)} (an I2V sample needs I2V weights)")
 
 
 def main(argv=None) -> int:
     from megatron_video.config import load_config
-    from megatron_video.inference.pipeline import SamplingConfig, generate, write_videos
-    from megatron_video.training.export import load_flat, load_full_into
+    from megatron_video.inference.pipeline import (
+        FLOW_SAMPLER,
+        SamplingConfig,
+        StepTimer,
+        build_inference_groups,
+        encode_condition,
+        latent_shape,
+        sample_latents,
+        write_videos,
+    )
     from megatron_video.training.runtime import init_distributed, setup_parallel
     from megatron_video.training.stage import build_denoiser, build_text_encoder, build_vae
 
@@ -68,57 +156,107 @@ def main(argv=None) -> int:
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
-        print("give --prompt or --prompts-file", file=sys.stderr)
-        return 2
+        return _error("give --prompt or --prompts-file")
     if cfg.parallel.pipeline_parallel > 1:
-        print(
-            "sampling splits one video with tensor and context parallel; set parallel.pipeline_parallel=1",
-            file=sys.stderr,
+        return _error(
+            "sampling splits one video with tensor and context parallel; set parallel.pipeline_parallel=1"
         )
-        return 2
-    runtime = setup_parallel(cfg, init_distributed(cfg))
-    task = "i2v" if args.image else "t2v"
-    model = build_denoiser(cfg, runtime, task).eval()
-    full, _ = load_flat(args.weights)
-    missing = load_full_into(model, runtime.plan, full)
-    if missing:
-        raise KeyError(f"{args.weights} lacks {sorted(missing)} (an I2V sample needs I2V weights)")
-    vae = build_vae(cfg.vae, runtime.device)
-    text = build_text_encoder(cfg, runtime.device)
+    objective = cfg.training.objective
+    sampler = args.sampler or (FLOW_SAMPLER if objective.kind == "flow" else "euler_ancestral")
+    if (sampler == FLOW_SAMPLER) != (objective.kind == "flow"):
+        return _error(
+            f"sampler {sampler} does not fit a model trained with training.objective.kind={objective.kind}: "
+            "use flow_euler for flow models and a DDPM sampler (euler_ancestral, euler, ddim, ddpm) otherwise"
+        )
+    flow = objective.kind == "flow"
+    ddpm = None
+    if not flow:
+        from megatron_video.diffusion import DDPM_SAMPLERS, DDPMObjective
+
+        if sampler not in DDPM_SAMPLERS:
+            return _error(f"unknown sampler {sampler}; choose one of {', '.join(DDPM_SAMPLERS)}")
+        ddpm = DDPMObjective(
+            prediction=objective.kind, zero_terminal_snr=objective.zero_terminal_snr, snr_gamma=None
+        )
     sc = SamplingConfig(
         num_frames=args.num_frames or cfg.data.num_frames,
         height=args.height or cfg.data.max_height,
         width=args.width or cfg.data.max_width,
         steps=args.steps,
+        sampler=sampler,
         shift=args.shift,
         linear_quadratic=args.linear_quadratic,
-        guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale,
+        guidance_scale=_pick(args.guidance_scale, 8.0, 7.5, flow),
+        guidance_rescale=_pick(args.guidance_rescale, 0.7, 0.0, flow),
+        prompt_template=_pick(
+            args.prompt_template, "high quality, {}", "high quality, high aesthetic, {}", flow
+        ),
         seed=args.seed,
         fps=args.fps or cfg.data.train_fps,
     )
     if args.negative_prompt is not None:
         sc.negative_prompt = args.negative_prompt
+    if args.cfg_parallel and not sc.use_cfg:
+        return _error("--cfg-parallel needs classifier-free guidance (--guidance-scale != 1)")
+
+    from megatron_video.training.runtime import launcher_env
+
+    world = launcher_env()[1]
+    replicas, rest = divmod(world, cfg.parallel.model_parallel_size)
+    if rest or (args.cfg_parallel and replicas % 2):
+        return _error(
+            f"{world} process(es) with tensor x context parallel = {cfg.parallel.model_parallel_size} give "
+            f"{world / cfg.parallel.model_parallel_size:g} replicas; "
+            + (
+                "--cfg-parallel needs an even number of replicas"
+                if not rest
+                else "it must divide the processes"
+            )
+        )
+    runtime = setup_parallel(cfg, init_distributed(cfg))
+    groups = build_inference_groups(args.cfg_parallel)
+    conditioned = bool(args.image or args.video)
+    model = build_denoiser(cfg, runtime, "i2v" if conditioned else "t2v").eval()
+    load_weights(model, runtime, args.weights, args.raw)
+    vae = build_vae(cfg.vae, runtime.device)
+    text = build_text_encoder(cfg, runtime.device)
+    shape = latent_shape(vae, sc)
     frames = None
     if args.image:
-        cond = torch.stack([load_image(p, sc.height, sc.width) for p in args.image])
-        frames = [cond] * len(prompts)
+        frames = torch.stack([load_image(p, sc.height, sc.width) for p in args.image])
+    elif args.video:
+        k = args.condition_frames or max(1, sc.num_frames // 4)
+        frames = load_video_start(args.video, k, sc.height, sc.width, sc.fps)
 
-    def progress(i, n):
-        if runtime.is_main and (i == n or i % max(1, n // 5) == 0):
-            print(f"  step {i}/{n}", flush=True)
-
-    import time
-
-    start = time.perf_counter()
-    videos = generate(model, vae, text, prompts, sc, frames, progress)
-    elapsed = time.perf_counter() - start
+    mine = groups.prompt_indices(len(prompts))
+    out = Path(args.out_dir)
+    all_steps = StepTimer(sc.steps, False)
+    for first in range(0, len(mine), args.batch_size):
+        batch = mine[first : first + args.batch_size]
+        timer = StepTimer(sc.steps, runtime.is_main, f"prompts {batch[0]}-{batch[-1]}")
+        condition = (
+            encode_condition(vae, [frames] * len(batch), sc.num_frames) if frames is not None else None
+        )
+        latents = sample_latents(
+            model,
+            text,
+            [prompts[i] for i in batch],
+            sc,
+            shape,
+            [sc.seed + i for i in batch],
+            condition,
+            groups,
+            ddpm,
+            timer,
+        )
+        all_steps.times += timer.times
+        if groups.writer:
+            videos = vae.decode_latents(latents).clamp(-1, 1)
+            paths = write_videos(videos, [out / f"sample_{i:03d}.mp4" for i in batch], sc.fps)
+            for path, i in zip(paths, batch):
+                print(f"wrote {path}: {prompts[i]}", flush=True)
     if runtime.is_main:
-        out = Path(args.out_dir)
-        paths = write_videos(videos, [out / f"sample_{i:03d}.mp4" for i in range(len(prompts))], sc.fps)
-        for path, prompt in zip(paths, prompts):
-            print(f"wrote {path}: {prompt}")
-        print(f"{elapsed:.1f} s for {len(prompts)} video(s), {elapsed / sc.steps:.2f} s per step")
+        print(f"denoising ({runtime.world_size} process(es)): {all_steps.summary()}", flush=True)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
