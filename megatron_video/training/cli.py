@@ -31,20 +31,57 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_inputs(cfg, produced: tuple[Path, ...] = ()) -> None:
+    """Fail before any process group starts when a file the stage reads is missing.
+
+    `produced`: folders earlier stages of the same curriculum write (their outputs need not exist yet).
+    """
+    from megatron_video.errors import ConfigError
+
+    def later(path: Path) -> bool:
+        return any(path.resolve().is_relative_to(d.resolve()) for d in produced)
+
+    wanted = []
+    if cfg.vae.checkpoint and cfg.features.cache_dir is None:
+        wanted.append(
+            ("vae.checkpoint", cfg.vae.checkpoint, "train one with pretrain_vae.py, or set vae.checkpoint")
+        )
+    if cfg.data.data_list and cfg.features.cache_dir is None:
+        wanted.append(
+            ("data.data_list", cfg.data.data_list, "prepare the data list (tools/prepare_demo_data.py)")
+        )
+    init = cfg.training.checkpoint.init_from
+    if init and init != "previous":
+        wanted.append(
+            ("training.checkpoint.init_from", init, "point it at a flat export or a checkpoint folder")
+        )
+    for field, value, fix in wanted:
+        path = Path(value)
+        if field == "vae.checkpoint" and path.suffix == "" and path.with_suffix(".safetensors").is_file():
+            continue
+        if not path.exists() and not later(path):
+            raise ConfigError(f"{field}={value} does not exist; {fix}")
+
+
 def main(task: str, argv: list[str] | None = None) -> int:
     """Validate every config first, then train (a stage or a curriculum)."""
     from megatron_video.config import load_config
     from megatron_video.errors import ConfigError
-    from megatron_video.training.stage import run_curriculum, run_stage
+    from megatron_video.training.stage import run_curriculum, run_stage, stage_configs
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(task, argv)
     try:
         if args.curriculum:
             overrides = [args.config, *args.overrides] if args.config else args.overrides
+            produced: tuple[Path, ...] = ()
+            for _, cfg, stage_dir in stage_configs(args.curriculum, overrides):
+                check_inputs(cfg, produced)
+                produced += (stage_dir,)
             run_curriculum(args.curriculum, overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+            check_inputs(cfg)
             run_stage(cfg, task, args.stage_dir or Path("outputs") / Path(args.config).stem)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
