@@ -27,7 +27,7 @@ kept in fp32; the model is called in the dtype of the initial noise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -81,7 +81,7 @@ def ddpm_sample(
     objective: DDPMObjective,
     steps: int,
     sampler: str = "euler_ancestral",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     progress: Callable[[int, int], None] | None = None,
     *,
     spacing: Spacing | None = None,
@@ -92,7 +92,8 @@ def ddpm_sample(
     `model_fn(x, timestep_B)` returns the model's epsilon or v prediction (`objective.prediction`,
     classifier-free guidance already applied); timesteps are float training steps in [0, T).
     `spacing` defaults to trailing with zero terminal SNR and leading otherwise, as in v1.3.
-    `generator` (CPU) draws the noise of the stochastic samplers (euler_ancestral, ddpm).
+    `generator` (CPU) draws the noise of the stochastic samplers (euler_ancestral, ddpm); a list
+    gives one generator per sample.
     """
     if sampler not in DDPM_SAMPLERS:
         raise ValueError(f"unknown DDPM sampler {sampler!r}; choose one of {', '.join(DDPM_SAMPLERS)}")
@@ -123,8 +124,13 @@ def _call(model_fn, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> tor
     return model_fn(x.to(dtype), t_B).float()
 
 
-def _randn(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+def _randn(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    # One generator per sample: each sample's noise is independent of the others in its batch.
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator]).to(
+        device
+    )
 
 
 def _x0_from(prediction: str, pred: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -259,8 +259,9 @@ def sample_latents(
         return euler_flow_sample(prediction, noise, sigmas, progress)
     if ddpm is None:
         raise ValueError(f"sampler {cfg.sampler!r} needs the model's DDPM objective (prediction type, betas)")
-    generator = torch.Generator().manual_seed(int(seeds[0]) + 1_000_003)
-    return ddpm_sample(prediction, noise, ddpm, cfg.steps, cfg.sampler, generator, progress)
+    # The ancestral noise of prompt i comes from its own generator, like its initial noise.
+    generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+    return ddpm_sample(prediction, noise, ddpm, cfg.steps, cfg.sampler, generators, progress)
 
 
 @torch.no_grad()

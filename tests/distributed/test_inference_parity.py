@@ -193,6 +193,7 @@ def test_two_process_layouts():
         dict(tp=1, cp=2, inpaint=True),
         # v1.3 sampler with ancestral noise: both CFG branches must draw the same noise.
         dict(tp=1, cp=1, cfg_parallel=True, sampler="euler_ancestral"),
+        dict(tp=1, cp=1, sampler="euler_ancestral"),  # prompts over two replicas
     ]
     _check(layouts, 2, _sampling())
 
