@@ -67,7 +67,9 @@ class RuntimeConfig:
     when installed. auto picks npu on Ascend and sdpa otherwise."""
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Parameter and activation dtype of the denoiser (CPU runs use fp32)."""
+    """Dtype of the denoiser's transformer linears and attention; bf16 keeps the residual streams, norms,
+    AdaLN and the timestep embedding in fp32 and the optimizer's main weights in fp32
+    (models/common/layers.py). fp16 is refused (no loss scaling). The CPU demo configs use fp32."""
 
     seed: int = 1234
     """Base random seed."""
@@ -150,13 +152,12 @@ class ExperimentConfig:
         self.i2v.validate()
         self.captions.validate()
         self.features.validate()
+        if self.runtime.dtype == "fp16":
+            raise ConfigError(
+                "runtime.dtype=fp16 needs dynamic loss scaling, which the training loop does not do; "
+                "use runtime.dtype=bf16 (or fp32)"
+            )
         if self.data.data_list is not None:
-            if self.parallel.virtual_pipeline is not None:
-                raise ConfigError(
-                    "parallel.virtual_pipeline: training stages run the plain 1F1B pipeline schedule (one chunk "
-                    "per rank, so checkpoints keep one EMA per rank); the interleaved schedule is available to the "
-                    "Trainer API (megatron_video.parallel.pipeline.build_model_chunks). Unset virtual_pipeline"
-                )
             self.data.validate()
             if self.parallel.context_parallel > 1 and self.data.media != "videos":
                 raise ConfigError(
@@ -193,6 +194,10 @@ class ExperimentConfig:
                 "set sequence_parallel=false or raise tensor_parallel"
             )
         if p.virtual_pipeline is not None:
+            if p.virtual_pipeline < 1:
+                raise ConfigError(
+                    f"parallel.virtual_pipeline must be >= 1 (or null), got {p.virtual_pipeline}"
+                )
             if p.pipeline_parallel < 2:
                 raise ConfigError("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
             if m.total_layers % (p.pipeline_parallel * p.virtual_pipeline) != 0:
@@ -210,7 +215,7 @@ class ExperimentConfig:
                 f"{p.model_parallel_size}"
             )
         if p.world_size is not None:
-            self.training.accumulation_steps(p.world_size // p.model_parallel_size)
+            self.micro_batches_per_step(p.world_size // p.model_parallel_size)
         if (s.num_frames - 1) % s.vae_stride_t != 0:
             valid = [1 + s.vae_stride_t * i for i in range(1, 5)]
             raise ConfigError(
@@ -236,6 +241,20 @@ class ExperimentConfig:
                 f"{' x tensor parallel under sequence parallel' if p.sequence_parallel else ''}), "
                 "since text tokens are split like video tokens"
             )
+
+    def micro_batches_per_step(self, data_parallel_size: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank; the interleaved pipeline
+        schedule (virtual_pipeline) runs them in groups of pipeline_parallel, so it needs a multiple."""
+        micro_batches = self.training.accumulation_steps(data_parallel_size)
+        p = self.parallel
+        if p.virtual_pipeline is not None and micro_batches % p.pipeline_parallel != 0:
+            raise ConfigError(
+                f"parallel.virtual_pipeline: the interleaved schedule needs the micro-batches per step "
+                f"(global_batch_size / (micro_batch_size x data-parallel size {data_parallel_size}) = "
+                f"{micro_batches}) to be a multiple of parallel.pipeline_parallel={p.pipeline_parallel}; "
+                "change training.global_batch_size or micro_batch_size, or unset virtual_pipeline"
+            )
+        return micro_batches
 
 
 def _text_width(text: TextEncoderPairConfig) -> int | None:

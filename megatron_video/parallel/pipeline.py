@@ -27,6 +27,12 @@ Layout rules (S = tokens, B = batch, D = width):
   Megatron's unbatched path under virtual pipelining (`batch_p2p_comm=False`, which posts the
   activation first on both sides), and `OrderedP2PCommunicator` posts the shape exchange, which is
   always batched, in the same activation-first order.
+* Waiting on gloo: a send completes only once the peer posts the matching receive. With as many
+  micro-batches as pipeline ranks, the first rank runs all its forwards before any backward while
+  the last is already in 1F1B, so the last rank sends a gradient's shape that the first receives
+  only after its final forward, whose activation the last rank receives only after that shape
+  exchange: both wait. The shape exchange therefore waits for its receives only and finishes its
+  sends when the schedule ends (upstream waits for all of them).
 """
 
 from __future__ import annotations
@@ -136,13 +142,16 @@ class OrderedP2PCommunicator(P2PCommunicator):
     Upstream posts `[send_prev, recv_prev, send_next, recv_next]` in one batch. With two pipeline
     ranks both sends go to the same peer, which receives them in posting order as
     `[recv_prev, recv_next]`, so the gradient's shape lands where the activation's was expected.
-    Here both sides post the forward pair (send_next, recv_prev) before the backward pair.
+    Here both sides post the forward pair (send_next, recv_prev) before the backward pair, and
+    wait for the received shapes only; the sends (one request per operation, as gloo gives them)
+    are finished by `wait_for_sends` (see this module's docstring).
     Overrides the private `_communicate_shapes` of megatron-core 0.16 (the version pyproject pins).
     """
 
     def __init__(self, pp_group, config, device: torch.device):
         super().__init__(pp_group=pp_group, config=config)
         self.device = device
+        self._pending_sends: list = []  # (request, shape tensor) of shape sends not yet finished
 
     def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
         def shape_of(t):
@@ -160,12 +169,27 @@ class OrderedP2PCommunicator(P2PCommunicator):
         if recv_next_shape is not None:
             ops.append(dist.P2POp(dist.irecv, recv_next_shape, self.next_rank, self.pp_group))
         if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            reqs = dist.batch_isend_irecv(ops)
+            if len(reqs) != len(ops):  # one coalesced request (NCCL): sends and receives together
+                for req in reqs:
+                    req.wait()
+            else:
+                for op, req in zip(ops, reqs):
+                    if op.op is dist.isend:
+                        self._pending_sends.append((req, op.tensor))  # keep the buffer alive
+                    else:
+                        req.wait()
+                self._pending_sends = [(r, t) for r, t in self._pending_sends if not r.is_completed()]
         return (
             recv_prev_shape.tolist() if recv_prev_shape is not None else [0, 0, 0],
             recv_next_shape.tolist() if recv_next_shape is not None else [0, 0, 0],
         )
+
+    def wait_for_sends(self) -> None:
+        """Finish the shape sends still in flight (every receive is posted once the schedule ends)."""
+        for req, _ in self._pending_sends:
+            req.wait()
+        self._pending_sends = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +228,7 @@ def run_pipeline_schedule(
         )
     groups = ProcessGroupCollection.use_mpu_process_groups(["tp", "cp", "pp", "embd", "pos_embd", "dp_cp"])
     communicator = OrderedP2PCommunicator(groups.pp, config, device)
-    return get_forward_backward_func()(
+    reports = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterators,
         model=model_chunks,
@@ -215,3 +239,5 @@ def run_pipeline_schedule(
         p2p_communicator=communicator,
         pg_collection=groups,
     )
+    communicator.wait_for_sends()
+    return reports

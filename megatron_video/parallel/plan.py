@@ -43,7 +43,8 @@ class ParallelPlan:
     """Megatron ModelParallelConfig for the tensor-parallel linears (carries sequence_parallel)."""
 
     conditioning_config: Any = None
-    """The same config with sequence_parallel off, for linears fed by per-sample conditioning."""
+    """The same config with sequence_parallel off and fp32 parameters, for linears fed by
+    per-sample conditioning (AdaLN): they stay fp32 whatever the runtime dtype."""
 
     @property
     def sp_size(self) -> int:
@@ -64,7 +65,9 @@ class ParallelPlan:
             tp_group=ps.get_tensor_model_parallel_group(),
             cp_group=ps.get_context_parallel_group(),
             linear_config=linear_config,
-            conditioning_config=dataclasses.replace(linear_config, sequence_parallel=False),
+            conditioning_config=dataclasses.replace(
+                linear_config, sequence_parallel=False, params_dtype=torch.float32
+            ),
         )
 
 

@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 from megatron_video.config.schema import ExperimentConfig
+from megatron_video.errors import ConfigError
 from megatron_video.parallel.plan import ParallelPlan
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -17,6 +18,11 @@ def build_transformer_config(
 ) -> TransformerConfig:
     """Megatron TransformerConfig carrying our parallel and precision settings into its linears.
 
+    Precision: `params_dtype` (runtime.dtype) is the dtype of the tensor-parallel linears; the
+    residual stream, norms, AdaLN and the timestep embedding stay fp32 (models/common/layers.py), so
+    what crosses a pipeline stage boundary is fp32 (`pipeline_dtype`) in every run. fp16 is refused:
+    it needs loss scaling, which the training loop does not do.
+
     Pipeline settings (PP > 1, see megatron_video/parallel/pipeline.py): stages exchange one packed
     tensor whose length depends on the boundary (variable_seq_lengths); under virtual pipelining the
     tensors go through Megatron's unbatched P2P path, which posts an activation before a gradient
@@ -24,6 +30,11 @@ def build_transformer_config(
     embedder is replicated on every chunk, so its gradients are summed over the pipeline group.
     """
     m, p, r = cfg.model, cfg.parallel, cfg.runtime
+    if r.dtype == "fp16":
+        raise ConfigError(
+            "runtime.dtype=fp16 needs dynamic loss scaling, which the training loop does not do; "
+            "use runtime.dtype=bf16 (or fp32)"
+        )
     dtype = _DTYPES[r.dtype]
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
@@ -39,9 +50,8 @@ def build_transformer_config(
         context_parallel_size=p.context_parallel,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
-        pipeline_dtype=dtype,
+        pipeline_dtype=torch.float32,  # the residual stream, whatever params_dtype
         bf16=r.dtype == "bf16",
-        fp16=r.dtype == "fp16",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         layernorm_epsilon=m.norm_eps,

@@ -9,8 +9,9 @@ On disk::
 
 What one checkpoint holds: the model chunks (``model``, or ``model0``, ``model1`` ... for virtual
 pipeline chunks, keyed like their ``state_dict()``) and the optimizer, both sharded so that
-dist_checkpointing reshards them across TP and DP; the EMA under ``ema.<model key>``, sharded
-exactly like the model; the scheduler state and the loop's ``train_state`` (rank 0's, pickled); and
+dist_checkpointing reshards them across TP, PP, virtual chunks and DP (keys are global parameter
+names, never chunk positions); the EMA of every chunk's parameters under ``ema.<model key>``,
+sharded exactly like the model; the scheduler state and the loop's ``train_state`` (rank 0's, pickled); and
 every rank's random streams. A checkpoint of the distributed optimizer loads into the plain one and
 back (a run that switches the distributed optimizer off at DP = 1 changes both at once).
 
@@ -232,6 +233,29 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
     return meta
 
 
+def checkpoint_weights(load_dir: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full (unsharded) model weights of a checkpoint, keyed like the model's state dict, and its metadata.
+
+    The EMA weights when `use_ema` and the checkpoint has them, else the raw ones; nothing of the
+    optimizer is read. Every rank reads whole tensors, so the result does not depend on the layout
+    that saved or the one that loads (collective: every rank of the default group calls it).
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = read_checkpoint_metadata(load_dir)
+    path = meta["path"]
+    ema = use_ema and meta.get("has_ema", False)
+    wanted = {}
+    for key, entry in dist_checkpointing.load_tensors_metadata(path).items():
+        if key.startswith("optimizer"):
+            continue
+        if key.startswith(EMA_PREFIX) == ema:
+            wanted[key] = entry
+    loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
+    n = len(EMA_PREFIX) if ema else 0
+    return {key[n:]: tensor for key, tensor in loaded.items()}, meta
+
+
 # -- 2. What the run looks like: layout, model description ---------------------------------------
 
 
@@ -429,6 +453,19 @@ def _load_distributed_part(part, state: dict) -> None:
         adam.state[p]["step"] = step.detach().clone()
 
 
+def _fill_zero_common_step(part_state: dict) -> None:
+    """Put back the step 0 that megatron leaves out of a plain optimizer saved before its first step.
+
+    Megatron's FP32 / Float16 optimizers save the shared step only `if step:`, so a checkpoint
+    written at step 0 (tools/convert_checkpoint.py *-to-checkpoint) has zero moments but no step,
+    and torch Adam refuses a parameter state without one.
+    """
+    inner = part_state.get("optimizer", part_state)
+    state = inner.get("state") if isinstance(inner, dict) else None
+    if isinstance(state, dict) and "common_step" not in state and any(isinstance(k, int) for k in state):
+        state["common_step"] = torch.zeros((), dtype=torch.float32)
+
+
 def _load_optimizer_state(optimizer, state) -> None:
     from megatron.core.optimizer import DistributedOptimizer
 
@@ -442,6 +479,8 @@ def _load_optimizer_state(optimizer, state) -> None:
         if isinstance(part, DistributedOptimizer) and uses_torch_adam:
             _load_distributed_part(part, part_state)
         else:
+            if uses_torch_adam:
+                _fill_zero_common_step(part_state)
             part.load_state_dict(part_state)
     _untie_steps(optimizer)
     if len(parts) > 1 and hasattr(optimizer, "_synchronize_steps"):
@@ -536,35 +575,50 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     return state
 
 
-def _ema_names(chunk: torch.nn.Module, ema: ParamEMA) -> dict[int, str]:
-    """id(parameter) -> EMA name, at whichever wrapper level the EMA was built on."""
-    module = chunk
+def _ema_names(model_chunks: list, ema: ParamEMA) -> dict[int, str]:
+    """id(parameter) -> EMA name over all model chunks, at whichever wrapper level the EMA was built on.
+
+    A name several chunks hold (the conditioning embedder every pipeline chunk replicates) maps to
+    the first chunk's parameter, the copy the EMA tracks (`training.loop.UniqueParameters`).
+    """
+    modules = list(model_chunks)
     while True:
-        names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
-        if set(names.values()) == set(ema.shadow):
+        names: dict[int, str] = {}
+        seen: set[str] = set()
+        for module in modules:
+            for n, p in module.named_parameters():
+                if p.requires_grad and n not in seen:
+                    seen.add(n)
+                    names[id(p)] = n
+        if seen == set(ema.shadow):
             return names
-        inner = getattr(module, "module", None)
-        if not isinstance(inner, torch.nn.Module):
+        inner = [getattr(module, "module", None) for module in modules]
+        if not all(isinstance(m, torch.nn.Module) for m in inner):
             raise ValueError(
-                "the EMA's parameter names match no wrapper level of the model chunk; build ParamEMA "
-                "on the model being checkpointed"
+                "the EMA's parameter names match no wrapper level of the model chunks; build ParamEMA "
+                "on the model (or UniqueParameters of the chunks) being checkpointed"
             )
-        module = inner
+        modules = inner
 
 
-def _ema_sharded_state(chunk: torch.nn.Module, ema: ParamEMA) -> dict[str, Any]:
-    """EMA name -> the model parameter's sharded entry with the EMA tensor and key 'ema.<key>'."""
+def _ema_sharded_state(model_chunks: list, ema: ParamEMA) -> dict[str, Any]:
+    """EMA name -> the model parameter's sharded entry with the EMA tensor and key 'ema.<key>'.
+
+    Every chunk contributes the entries of its parameters, so the EMA is sharded and resharded
+    exactly like the model (keys are global parameter names, independent of the layout).
+    """
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    names = _ema_names(chunk, ema)
+    names = _ema_names(model_chunks, ema)
     entries = {}
-    for sharded in model_sharded_state_dict(_unwrap(chunk)).values():
-        name = names.get(id(sharded.data)) if isinstance(sharded, ShardedTensor) else None
-        if name is not None:
-            shadow = ema.shadow[name]
-            entries[name] = dataclasses.replace(
-                sharded, key=EMA_PREFIX + sharded.key, data=shadow, dtype=shadow.dtype
-            )
+    for chunk in model_chunks:
+        for sharded in model_sharded_state_dict(_unwrap(chunk)).values():
+            name = names.get(id(sharded.data)) if isinstance(sharded, ShardedTensor) else None
+            if name is not None:
+                shadow = ema.shadow[name]
+                entries[name] = dataclasses.replace(
+                    sharded, key=EMA_PREFIX + sharded.key, data=shadow, dtype=shadow.dtype
+                )
     missing = sorted(set(ema.shadow) - set(entries))
     if missing:
         raise ValueError(f"EMA tensors without a sharded model entry: {missing}")
@@ -588,7 +642,7 @@ def _sharded_state(model_chunks, optimizer, ema, rng_state: dict | None, is_load
             },
         )
     if ema is not None:
-        state["ema"] = _ema_sharded_state(model_chunks[0], ema)
+        state["ema"] = _ema_sharded_state(model_chunks, ema)
     if rng_state is not None:
         state["rng_state"] = ShardedObject(
             "rng_state", rng_state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
@@ -795,9 +849,9 @@ def load_checkpoint(
                     ema.shadow[name].copy_(tensor)
         else:
             logger.warning("checkpoint %s has no EMA; the EMA starts from the loaded weights", path)
-            names = _ema_names(model_chunks[0], ema)
+            names = _ema_names(model_chunks, ema)
             with torch.no_grad():
-                for p in model_chunks[0].parameters():
+                for p in (p for chunk in model_chunks for p in chunk.parameters()):
                     if id(p) in names:
                         ema.shadow[names[id(p)]].copy_(p.detach().float())
 

@@ -3,6 +3,10 @@
 A flat export is `<name>.safetensors` (our key layout, full tensors) plus `<name>.json` with the
 SUV config. Curriculum stages hand weights to each other this way, and it is the format other
 tools read. Every rank of a tensor-parallel group must call `gather_full_state_dict` together.
+
+Exports are fp32 whatever runtime.dtype: under bf16 the raw weights are the optimizer's fp32 main
+parameters (`main_params`), not the bf16 copies the forward uses, and the EMA is its fp32 shadow.
+Loading an fp32 export into a bf16 model (`load_full_into`) rounds the bf16 weights to nearest.
 """
 
 from __future__ import annotations
@@ -31,6 +35,43 @@ def gather_full_state_dict(model: torch.nn.Module, plan: ParallelPlan, tensors: 
             dist.all_gather(parts, t, group=plan.tp_group)
             t = torch.cat(parts, dim=dims[name])
         out[name] = t.clone()
+    return out
+
+
+def main_params(model: torch.nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """fp32 values of `model`'s parameters as `optimizer` keeps them (its main parameters), by name.
+
+    Megatron's mixed-precision optimizers keep an fp32 main copy of each bf16 parameter in
+    `param.main_param`; the distributed optimizer keeps only this data-parallel rank's range of it
+    (`main_param_sharded`), so the call is collective over that optimizer's data-parallel group
+    (one group: every part of a chained distributed optimizer shards over the same ranks).
+    An fp32 parameter is its own main parameter and is returned as it is (no communication).
+    """
+    from megatron.core.optimizer import DistributedOptimizer
+
+    parts = [
+        o
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(o, DistributedOptimizer)
+    ]
+    if len({id(o.data_parallel_group) for o in parts}) > 1:
+        raise NotImplementedError("distributed optimizer parts over different data-parallel groups")
+    out = {}
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float32 or not hasattr(p, "main_param"):
+            out[name] = p.detach().float()
+        elif not getattr(p, "main_param_sharded", False):
+            out[name] = p.main_param.detach().float()
+        else:
+            # This rank's range of the flattened parameter (if any), zeros elsewhere, summed over the
+            # data-parallel group; a rank holding none of it knows no part for it, and contributes 0.
+            owner = next((o for o in parts if p in o.model_param_gbuf_map), None)
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            if owner is not None and p.main_param is not None:
+                r = owner._get_model_param_range_map(p)["param"]
+                full[r.start : r.end] = p.main_param.detach()
+            dist.all_reduce(full, group=parts[0].data_parallel_group)
+            out[name] = full.view(p.shape)
     return out
 
 

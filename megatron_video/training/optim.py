@@ -19,6 +19,9 @@ def build_optimizer(
 ):
     """AdamW (Megatron, distributed or not) and its LR / weight-decay scheduler.
 
+    With dtype bf16 Megatron's mixed-precision optimizer keeps an fp32 main copy of every bf16
+    parameter (sharded over DP by the distributed optimizer), clips and steps it in fp32 and writes
+    it back rounded; fp32 parameters (norms, AdaLN, embedders) are their own main parameters.
     The scheduler counts samples, like Megatron's: it is stepped by the global batch size.
     """
     o = train.optimizer

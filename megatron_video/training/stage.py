@@ -31,7 +31,13 @@ from megatron_video.models.suv.config import SUVConfig
 from megatron_video.models.suv.model import SUVModel
 from megatron_video.models.suv.state_dict_adapter import convert_dense_to_suv
 from megatron_video.training import checkpoint as ckpt
-from megatron_video.training.export import gather_full_state_dict, load_flat, load_full_into, save_flat
+from megatron_video.training.export import (
+    gather_full_state_dict,
+    load_flat,
+    load_full_into,
+    main_params,
+    save_flat,
+)
 from megatron_video.training.loop import StopSignal, Trainer
 from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
 from megatron_video.training.runtime import Runtime, init_distributed, setup_parallel
@@ -122,10 +128,14 @@ class _MergedState:
 
 
 def initialize_from(model, runtime: Runtime, cfg: ExperimentConfig, source: str) -> None:
-    """Load weights exported by an earlier stage (or any flat export) into this rank's model or
-    pipeline chunks, applying the transition."""
+    """Load weights exported by an earlier stage (any flat export, or a training checkpoint folder)
+    into this rank's model or pipeline chunks, applying the transition."""
     chunks = model if isinstance(model, list) else [model]
-    full, saved_cfg = load_flat(source)
+    if Path(source).is_dir():  # a training checkpoint (its EMA weights unless init_from_ema is off)
+        full, meta = ckpt.checkpoint_weights(source, cfg.training.checkpoint.init_from_ema)
+        saved_cfg = (meta.get("model") or {}).get("config")
+    else:
+        full, saved_cfg = load_flat(source)
     if saved_cfg is not None:
         prev = SUVConfig(**saved_cfg)
         if prev.num_layers != cfg.model.num_layers or prev.skip_connection != cfg.model.skip_connection:
@@ -177,6 +187,7 @@ def run_stage(
     t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
     t.logging.loss_curve_png = t.logging.loss_curve_png or str(stage_dir / "loss_curve.png")
     runtime = setup_parallel(cfg, runtime or init_distributed(cfg))
+    cfg.micro_batches_per_step(runtime.dp_size)  # the world size is known only now
     torch.manual_seed(t.seed)
 
     model = build_denoiser(cfg, runtime, task)
@@ -295,7 +306,8 @@ def _export(
     chunks = trainer.model if isinstance(trainer.model, list) else [trainer.model]
     raw, ema = {}, ({} if trainer.ema else None)
     for chunk in chunks:
-        raw.update(gather_full_state_dict(chunk, runtime.plan))
+        # fp32 main parameters: under bf16 the optimizer's originals, not the bf16 forward copies.
+        raw.update(gather_full_state_dict(chunk, runtime.plan, main_params(chunk, trainer.optimizer)))
         if ema is not None:
             names = {n for n, _ in chunk.named_parameters()}
             shadow = {k: v for k, v in trainer.ema.shadow.items() if k in names}

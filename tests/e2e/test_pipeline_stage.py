@@ -1,11 +1,12 @@
-"""A training stage with pipeline_parallel=2 (through torchrun and pretrain_t2v.py) logs the same
-per-step losses as the same stage at tensor_parallel=2, also across a checkpoint resume, and
-exports the same weights."""
+"""A training stage with pipeline_parallel=2 (through torchrun and pretrain_t2v.py), with and
+without virtual pipelining, logs the same per-step losses as the same stage at tensor_parallel=2,
+also across a checkpoint resume and across layouts, and exports the same weights."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +17,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run(
-        [sys.executable, "tools/prepare_demo_data.py", str(out)], cwd=ROOT, check=True, capture_output=True
-    )
-    return out / "data.txt"
+NUM_LAYERS = [1, 2, 2, 2, 1]  # 8 blocks: 2 pipeline ranks x 2 virtual chunks of 2 blocks
+PP2 = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2"]
 
 
 def _train(stage_dir: Path, data_list: Path, steps: int, port: int, layout: list[str]):
@@ -47,31 +41,70 @@ def _losses(stage_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_pipeline_stage_matches_tensor_parallel_stage(megatron_single, demo_data, tmp_path):
+@pytest.fixture(scope="module")
+def reference(megatron_single, demo_data, tmp_path_factory):
+    """Overrides every layout shares (the same initial weights: a fresh build initialises per
+    layout) and the TP=2 stage trained 4 steps from them (checkpoints at steps 2 and 4)."""
     from megatron_video.testing.models import build_model, randomize, tiny_config
     from megatron_video.training.export import save_flat
 
-    # Both layouts start from the same weights (a fresh build initialises per layout).
-    cfg = tiny_config()
-    init = save_flat(tmp_path / "init", randomize(build_model(cfg), seed=4, std=0.02), cfg.model)
-    common = [f"training.checkpoint.init_from={init}"]
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(num_layers=NUM_LAYERS)
+    init = save_flat(tmp / "init", randomize(build_model(cfg), seed=4, std=0.02), cfg.model)
+    common = [f"training.checkpoint.init_from={init}", f"model.num_layers={NUM_LAYERS}"]
     tp = [*common, "parallel.tensor_parallel=2", "parallel.sequence_parallel=false"]
-    pp = [
-        *common,
-        "parallel.tensor_parallel=1",
-        "parallel.sequence_parallel=false",
-        "parallel.pipeline_parallel=2",
-    ]
-    _train(tmp_path / "tp", demo_data, 4, 29621, tp)
-    _train(tmp_path / "pp", demo_data, 2, 29622, pp)  # checkpoint at step 2
-    resumed = _train(tmp_path / "pp", demo_data, 4, 29623, pp)
-    assert "resumed from" in resumed.stdout
-    ref, got = _losses(tmp_path / "tp"), _losses(tmp_path / "pp")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in ref:
+    _train(tmp / "tp", demo_data, 4, 29621, [*tp, "training.checkpoint.save_interval=2"])
+    return common, tmp / "tp"
+
+
+def _assert_matches(reference_dir: Path, stage_dir: Path, steps: list[int]) -> None:
+    ref, got = _losses(reference_dir), _losses(stage_dir)
+    assert sorted(got) == steps
+    for step in steps:
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
     for name in ("final_model.safetensors", "final_ema.safetensors"):
-        a, b = load_file(tmp_path / "tp" / name), load_file(tmp_path / "pp" / name)
+        a, b = load_file(reference_dir / name), load_file(stage_dir / name)
         assert set(a) == set(b)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_stage_matches_tensor_parallel_stage(reference, demo_data, tmp_path):
+    common, ref_dir = reference
+    pp = [*common, *PP2]
+    _train(tmp_path / "pp", demo_data, 2, 29622, pp)  # checkpoint at step 2
+    resumed = _train(tmp_path / "pp", demo_data, 4, 29623, pp)
+    assert "resumed from" in resumed.stdout
+    _assert_matches(ref_dir, tmp_path / "pp", [1, 2, 3, 4])
+
+
+def test_virtual_pipeline_stage_resumes_across_layouts(reference, demo_data, tmp_path):
+    """PP=2 x 2 virtual chunks: resumes the TP=2 checkpoint of step 2 (resharded), saves step 3,
+    resumes that exactly; its last checkpoint loads into one unsplit model (resharded back)."""
+    from megatron_video.testing.models import build_model, tiny_config
+    from megatron_video.training import checkpoint as ckpt
+    from megatron_video.training.ema import ParamEMA
+
+    common, ref_dir = reference
+    vpp = [*common, *PP2, "parallel.virtual_pipeline=2"]
+    save_dir = tmp_path / "vpp" / "checkpoints"
+    shutil.copytree(
+        ref_dir / "checkpoints" / ckpt.iteration_dir_name(2), save_dir / ckpt.iteration_dir_name(2)
+    )
+    ckpt.write_latest(save_dir, 2)
+    for steps, port in ((3, 29624), (4, 29625)):
+        resumed = _train(tmp_path / "vpp", demo_data, steps, port, vpp)
+        assert f"at step {steps - 1}" in resumed.stdout
+    _assert_matches(ref_dir, tmp_path / "vpp", [3, 4])
+    assert ckpt.read_checkpoint_metadata(save_dir)["layout"]["virtual_pipeline"] == 2
+
+    # Every chunk's weights and EMA, saved by two ranks x two chunks, load into one process.
+    model = build_model(tiny_config(num_layers=NUM_LAYERS))
+    ema = ParamEMA(model, decay=0.5)
+    state = ckpt.load_checkpoint(save_dir, [model], ema=ema)
+    assert state["step"] == 4 and not state["rng_restored"]
+    for name, tensors in (("final_model", dict(model.named_parameters())), ("final_ema", ema.shadow)):
+        exported = load_file(ref_dir / f"{name}.safetensors")
+        assert set(tensors) == set(exported), name
+        for key, t in tensors.items():
+            torch.testing.assert_close(t.detach(), exported[key], rtol=1e-4, atol=1e-5)

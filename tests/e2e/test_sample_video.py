@@ -66,9 +66,9 @@ def test_cfg_parallel_matches_serial(tmp_path):
         str(prompts),
         *COMMON,
     ]
-    out = _run(2, [*base, "--cfg-parallel", "--out-dir", str(tmp_path / "pair"), *SERIAL], 29641)
+    out = _run(2, [*base, "--cfg-parallel", "--out-dir", str(tmp_path / "pair"), *SERIAL], 29661)
     assert "s/step" in out  # the timing summary
-    _run(1, [*base, "--out-dir", str(tmp_path / "serial"), *SERIAL], 29642)
+    _run(1, [*base, "--out-dir", str(tmp_path / "serial"), *SERIAL], 29662)
     for i in range(3):
         pair, codec, fps = _decode(tmp_path / "pair" / f"sample_{i:03d}.mp4")
         serial, _, _ = _decode(tmp_path / "serial" / f"sample_{i:03d}.mp4")
@@ -90,6 +90,6 @@ def test_continuation_from_video(tmp_path):
         "--config", "examples/tiny/i2v.yaml", "--weights", str(weights), "--prompt", "a gradient",
         "--video", str(source), "--condition-frames", "5", "--out-dir", str(tmp_path / "out"), *COMMON,
     ]  # fmt: skip
-    _run(2, args, 29643)  # the i2v config's Ulysses CP=2
+    _run(2, args, 29663)  # the i2v config's Ulysses CP=2
     frames, codec, _ = _decode(tmp_path / "out" / "sample_000.mp4")
     assert frames.shape == (9, 64, 64, 3) and codec == "h264"

@@ -21,15 +21,6 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run(
-        [sys.executable, "tools/prepare_demo_data.py", str(out)], cwd=ROOT, check=True, capture_output=True
-    )
-    return out / "data.txt"
-
-
 def _cmd(script, config, stage_dir, data_list, port, extra):
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

@@ -112,17 +112,16 @@ def test_validation_errors(extra, message):
         _build(extra)
 
 
-def test_training_stage_rejects_virtual_pipeline_before_launch():
-    with pytest.raises(ConfigError, match="interleaved schedule"):
-        load_config(
-            EXAMPLES / "tiny" / "t2v.yaml", ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=5"]
-        )
-    assert (
-        load_config(
-            EXAMPLES / "tiny" / "t2v.yaml", ["parallel.pipeline_parallel=2"]
-        ).parallel.pipeline_parallel
-        == 2
-    )
+def test_training_stage_checks_virtual_pipeline_before_launch():
+    stage = EXAMPLES / "tiny" / "t2v.yaml"
+    pp = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.pipeline_parallel=2"]
+    vpp = [*pp, "parallel.virtual_pipeline=5"]
+    assert load_config(stage, [*vpp, "parallel.world_size=2"]).parallel.virtual_pipeline == 5
+    # 4 samples / (2 per micro-batch x 2 data-parallel ranks): one micro-batch, not a multiple of PP=2
+    with pytest.raises(ConfigError, match="interleaved schedule needs the micro-batches"):
+        load_config(stage, [*vpp, "parallel.world_size=4"])
+    with pytest.raises(ConfigError, match="cannot be split evenly"):
+        load_config(stage, [*pp, "parallel.virtual_pipeline=3"])
 
 
 def test_bad_override_syntax():

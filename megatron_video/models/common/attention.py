@@ -72,7 +72,11 @@ def joint_skiparse_attention(
 
 
 class JointSkiparseAttention(nn.Module):
-    """Per-modality q/k/v projections, RMS QK-norm, 3D RoPE, Ulysses, Skiparse joint attention."""
+    """Per-modality q/k/v projections, RMS QK-norm, 3D RoPE, Ulysses, Skiparse joint attention.
+
+    Runs in the linears' dtype (bf16 under runtime.dtype=bf16): the inputs are cast to it, QK-norm
+    and RoPE compute in fp32 and return it, and the outputs are returned in it.
+    """
 
     def __init__(
         self,
@@ -120,7 +124,8 @@ class JointSkiparseAttention(nn.Module):
         self.linear_added_proj = None if context_pre_only else row()
 
     def _qkv(self, x_SBD: torch.Tensor, linear: ColumnParallelLinear, q_norm: RMSNorm, k_norm: RMSNorm):
-        qkv, _ = linear(x_SBD)  # [S_cp, B, 3 * h_tp * d] (sequence gathered under SP)
+        # [S_cp, B, 3 * h_tp * d] (sequence gathered under SP), in the weight dtype.
+        qkv, _ = linear(x_SBD.to(linear.weight.dtype))
         s, b = qkv.shape[:2]
         q, k, v = qkv.reshape(s, b, self.local_heads, 3, self.head_dim).unbind(dim=3)
         q, k = q_norm(q), k_norm(k)

@@ -2,6 +2,18 @@
 
 Shapes: B batch, S tokens (sequence-first), D width, E conditioning width.
 Tensor-parallel linears are Megatron's; their config and groups come from a `ParallelPlan`.
+
+Precision (runtime.dtype=bf16; with fp32 every cast below is a no-op):
+* bf16 weights and matmuls: the tensor-parallel linears of attention and FFN (Megatron's
+  `params_dtype`) and the token-wise `TokenLinear`s (U-skip fusions, inpainting projections).
+  Each casts its input to its weight dtype; attention runs on the bf16 q / k / v.
+* fp32 weights and math: LayerNorm / RMS QK-norm (computed in fp32), the timestep + pooled-text
+  embedding, the AdaLN linears and the shift / scale / gate math, the patch embeddings, the
+  caption projection and the output head. They are per-sample or tiny, so fp32 costs nothing.
+* The residual streams are fp32: a bf16 attention / FFN output meets an fp32 gate, and type
+  promotion makes the update fp32. Megatron's `Float16Module` is not used: it would cast every
+  parameter (norms, AdaLN, embedders) and every input (timesteps up to 1000, whose bf16 spacing
+  is 4) to bf16.
 """
 
 from __future__ import annotations
@@ -85,7 +97,7 @@ class PatchEmbed2D(nn.Module):
 
     def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = video_BCTHW.shape
-        frames = video_BCTHW.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        frames = video_BCTHW.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).to(self.proj.weight.dtype)
         emb = self.proj(frames)  # [B*T, D, h', w']
         d = emb.shape[1]
         emb = emb.reshape(b, t, d, -1).permute(1, 3, 0, 2)  # [T, h'w', B, D]
@@ -93,10 +105,11 @@ class PatchEmbed2D(nn.Module):
 
 
 class AdaLNModulation(nn.Module):
-    """SiLU(temb) -> column-parallel Linear(E -> n*D), gathered: [B, E] -> n tensors [1, B, D].
+    """SiLU(temb) -> column-parallel Linear(E -> n*D), gathered: [B, E] -> n tensors [1, B, D], fp32.
 
-    The linear is split over TP like every AdaLN linear of the released model (dim 0). The result
-    meets sequence-split tokens, so its gradient is summed over the sequence shards.
+    The linear is split over TP like every AdaLN linear of the released model (dim 0); its weights
+    are fp32 in every run (`plan.conditioning_config`). The result meets sequence-split tokens, so
+    its gradient is summed over the sequence shards.
     """
 
     def __init__(self, embed_dim: int, dim: int, chunks: int, plan: ParallelPlan):
@@ -124,8 +137,22 @@ def modulate(x_SBD: torch.Tensor, shift_1BD: torch.Tensor, scale_1BD: torch.Tens
     return x_SBD * (1 + scale_1BD) + shift_1BD
 
 
+class TokenLinear(nn.Linear):
+    """nn.Linear over tokens computed in its weight dtype, returning its input's dtype.
+
+    Built with `dtype=params_dtype` it runs in bf16 inside the fp32 residual stream (U-skip fusions,
+    inpainting projections).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 class FeedForward(nn.Module):
-    """Column-parallel Linear(D -> mult*D) -> tanh-GELU (fp32) -> row-parallel Linear, no biases."""
+    """Column-parallel Linear(D -> mult*D) -> tanh-GELU (fp32) -> row-parallel Linear, no biases.
+
+    Runs in the linears' dtype: the input is cast to it and the output is returned in it.
+    """
 
     def __init__(self, dim: int, mult: int, plan: ParallelPlan):
         super().__init__()
@@ -145,7 +172,7 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
-        h, _ = self.linear_fc1(x_SBD)
+        h, _ = self.linear_fc1(x_SBD.to(self.linear_fc1.weight.dtype))
         h = F.gelu(h.float(), approximate="tanh").type_as(h)
         out, _ = self.linear_fc2(h)
         return out

@@ -8,6 +8,9 @@ zero-initialised linears.
 
 Shapes: masked latents [B, C, T, H, W]; mask [B, M, T, H, W] with M = VAE temporal stride (the
 stride pixel frames of each latent step as channels); tokens [T*H/p*W/p, B, D].
+
+Precision: the patch embeddings are fp32; the two D x D projections run over every token, so they
+take the transformer linears' dtype (`dtype`, bf16 under runtime.dtype=bf16) and return fp32.
 """
 
 from __future__ import annotations
@@ -15,18 +18,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_video.models.common.layers import PatchEmbed2D
+from megatron_video.models.common.layers import PatchEmbed2D, TokenLinear
 
 
 class InpaintConditioning(nn.Module):
     """Sum of two zero-initialised embeddings of (masked latents, mask)."""
 
-    def __init__(self, latent_channels: int, mask_channels: int, dim: int, patch: int):
+    def __init__(
+        self,
+        latent_channels: int,
+        mask_channels: int,
+        dim: int,
+        patch: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.masked_video_embed = PatchEmbed2D(latent_channels, dim, patch)
-        self.masked_video_proj = nn.Linear(dim, dim, bias=False)
+        self.masked_video_proj = TokenLinear(dim, dim, bias=False, dtype=dtype)
         self.mask_embed = PatchEmbed2D(mask_channels, dim, patch)
-        self.mask_proj = nn.Linear(dim, dim, bias=False)
+        self.mask_proj = TokenLinear(dim, dim, bias=False, dtype=dtype)
         nn.init.zeros_(self.masked_video_proj.weight)
         nn.init.zeros_(self.mask_proj.weight)
 

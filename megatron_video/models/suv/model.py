@@ -10,6 +10,11 @@ Shape legend
 Contract: model(latents_BCTHW, timestep_B, text_BLC, pooled_BP, text_mask_BL, video_mask_BTHW)
 -> velocity_BCTHW, the full tensors on every rank whatever the parallel layout.
 
+Precision (models/common/layers.py): the attention / FFN linears and the token-wise U-skip and
+inpainting linears take `plan.linear_config.params_dtype` (bf16 under runtime.dtype=bf16); the
+embeddings, norms, AdaLN, the output head and the video / text residual streams are fp32. Inputs of
+any float dtype are cast on entry; the velocity is fp32.
+
 Pipeline chunks: built with `blocks=range(a, b)` the model holds only those blocks of the global
 list (stage by stage), under their global names. It takes the same inputs; a chunk after the
 first starts from the tensor Megatron's schedule hands to `set_input_tensor`, and a chunk before
@@ -32,6 +37,7 @@ from megatron_video.models.common.layers import (
     LayerNormFP32,
     PatchEmbed2D,
     TimestepTextEmbedding,
+    TokenLinear,
     modulate,
 )
 from megatron_video.models.common.rope import rope_3d_tables
@@ -197,11 +203,14 @@ class SUVModel(MegatronModule):
         self.share_embeddings_and_output_weights = False
         self._positions = block_positions(cfg)
         d, e = cfg.hidden_size, cfg.timestep_embed_dim
+        matmul_dtype = plan.linear_config.params_dtype  # of the token-wise linears
         self.patch_embed = PatchEmbed2D(cfg.in_channels, d, cfg.patch_size) if self.pre_process else None
         # I2V: masked-video latents and the compressed mask (mask channels = VAE temporal stride).
         self.inpaint = None
         if inpaint_mask_channels is not None and self.pre_process:
-            self.inpaint = InpaintConditioning(cfg.in_channels, inpaint_mask_channels, d, cfg.patch_size)
+            self.inpaint = InpaintConditioning(
+                cfg.in_channels, inpaint_mask_channels, d, cfg.patch_size, dtype=matmul_dtype
+            )
         self.time_text_embed = TimestepTextEmbedding(e, cfg.pooled_projection_dim)
         mark_pipeline_replicated_params(self.time_text_embed, primary=self.pre_process)
         self.caption_projection = nn.Linear(cfg.caption_channels, d) if self.pre_process else None
@@ -226,8 +235,8 @@ class SUVModel(MegatronModule):
         num_skips = mid if cfg.skip_connection else 0
         first_block = stage_first_blocks(cfg)
         fused = [j for j in range(num_skips) if first_block[mid + 1 + j] in self.block_range]
-        self.skip_linears = IndexedModules({j: nn.Linear(2 * d, d) for j in fused})
-        self.skip_linears_text = IndexedModules({j: nn.Linear(2 * d, d) for j in fused})
+        self.skip_linears = IndexedModules({j: TokenLinear(2 * d, d, dtype=matmul_dtype) for j in fused})
+        self.skip_linears_text = IndexedModules({j: TokenLinear(2 * d, d, dtype=matmul_dtype) for j in fused})
         # Without zero-init a LayerNorm(2D) precedes each skip linear; with it the norm is omitted.
         normed = [] if cfg.skip_connection_zero_init else fused
         self.skip_norms = IndexedModules({j: LayerNormFP32(2 * d, eps=cfg.norm_eps) for j in normed})
@@ -363,7 +372,8 @@ class SUVModel(MegatronModule):
                     split_frames_for_context_parallel(inpaint_mask_BMTHW, plan),
                 )
             x_SBD = scatter_to_sequence_parallel(x_SBD, plan)
-            c_LBD = self.caption_projection(split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan))
+            text_LBC = split_tokens_for_context_parallel(text_BLC.transpose(0, 1), plan)
+            c_LBD = self.caption_projection(text_LBC.to(self.caption_projection.weight.dtype))
             c_LBD = scatter_to_sequence_parallel(c_LBD, plan)
             skips: list[tuple[torch.Tensor, torch.Tensor]] = []
         else:
