@@ -157,6 +157,12 @@ class ExperimentConfig:
                 "runtime.dtype=fp16 needs dynamic loss scaling, which the training loop does not do; "
                 "use runtime.dtype=bf16 (or fp32)"
             )
+        if self.runtime.dtype == "bf16" and not self.training.optimizer.distributed_optimizer:
+            raise ConfigError(
+                "runtime.dtype=bf16 runs Megatron's distributed optimizer (its plain mixed-precision optimizer "
+                "cannot checkpoint a model that keeps norms and AdaLN in fp32); set "
+                "training.optimizer.distributed_optimizer=true"
+            )
         if self.data.data_list is not None:
             self.data.validate()
             if self.parallel.context_parallel > 1 and self.data.media != "videos":

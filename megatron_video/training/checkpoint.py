@@ -294,6 +294,7 @@ def _describe_model(model_chunks: list) -> dict[str, Any]:
         "class": type(model).__name__,
         "num_chunks": len(model_chunks),
         "config": _jsonable(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "param_dtypes": sorted({str(p.dtype) for chunk in model_chunks for p in chunk.parameters()}),
     }
 
 
@@ -383,6 +384,14 @@ def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bo
                 f"checkpoint {where} has no optimizer state; load it with load_optimizer=False"
             )
         _optimizer_conversion(saved_opt, optimizer)
+        saved_dtypes = saved.get("param_dtypes")
+        if saved_dtypes is not None and saved_dtypes != current["param_dtypes"]:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} was saved with parameter dtypes {saved_dtypes}, the current model has "
+                f"{current['param_dtypes']} (runtime.dtype changed); the optimizer state cannot change precision: "
+                "resume with the runtime.dtype it was saved with, or start a new stage from its weights "
+                "(training.checkpoint.init_from)"
+            )
     if ema is not None and not meta["has_ema"] and strict:
         raise CheckpointMismatchError(
             f"checkpoint {where} has no EMA weights; pass ema=None, or strict=False to start the "

@@ -39,7 +39,13 @@ from megatron_video.models.suv.model import SUVModel
 from megatron_video.parallel.pipeline import run_pipeline_schedule
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.grad_clip import BatchDropClip, build_clipper
-from megatron_video.training.optim import build_optimizer, local_grad_norm, optimizer_step, scale_local_grads
+from megatron_video.training.optim import (
+    build_optimizer,
+    local_grad_norm,
+    optimizer_step,
+    scale_local_grads,
+    uses_distributed_optimizer,
+)
 from megatron_video.training.runtime import Runtime, sample_generators
 
 
@@ -162,7 +168,7 @@ class Trainer:
 
     def __post_init__(self):
         cfg, rt = self.cfg, self.runtime
-        dist_opt = cfg.training.optimizer.distributed_optimizer and rt.dp_size > 1
+        dist_opt = uses_distributed_optimizer(cfg.training, cfg.runtime.dtype, rt.dp_size)
         chunks = self.model if isinstance(self.model, list) else [self.model]
         if rt.pp_size > 1 and not isinstance(self.model, list):
             raise TypeError("with pipeline parallelism the Trainer takes this rank's list of model chunks")

@@ -14,6 +14,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_video.config.training import TrainingConfig
 
 
+def uses_distributed_optimizer(train: TrainingConfig, dtype: str, data_parallel_size: int) -> bool:
+    """Whether Megatron's distributed optimizer runs: when asked for and there is more than one
+    data-parallel rank, and always under bf16 (the model mixes bf16 and fp32 parameters, which
+    Megatron's plain mixed-precision optimizer cannot checkpoint; at DP = 1 the distributed one
+    keeps every fp32 main parameter on the one rank)."""
+    if dtype == "bf16":
+        return True
+    return train.optimizer.distributed_optimizer and data_parallel_size > 1
+
+
 def build_optimizer(
     model_chunks: list, train: TrainingConfig, dtype: str = "fp32", data_parallel_size: int = 1
 ):
@@ -33,7 +43,7 @@ def build_optimizer(
         adam_beta1=o.beta1,
         adam_beta2=o.beta2,
         adam_eps=o.eps,
-        use_distributed_optimizer=o.distributed_optimizer and data_parallel_size > 1,
+        use_distributed_optimizer=uses_distributed_optimizer(train, dtype, data_parallel_size),
         clip_grad=0.0,  # clipping is decided by our rule in `optimizer_step`
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",

@@ -205,7 +205,7 @@ def _train(dtype: str, state: dict, steps: int):
 
 
 def test_bf16_training_follows_fp32_with_fp32_main_params(megatron_single):
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+    from megatron.core.optimizer import DistributedOptimizer
 
     from megatron_video.training.export import main_params
 
@@ -221,19 +221,17 @@ def test_bf16_training_follows_fp32_with_fp32_main_params(megatron_single):
     assert ref_after < ref_before and after < before
     assert (before - after) == pytest.approx(ref_before - ref_after, rel=0.1)
 
-    # Megatron's mixed-precision optimizer: fp32 main parameters, the bf16 model weights are
-    # those rounded; the EMA and the export are fp32 and come from full-precision values.
+    # Megatron's distributed optimizer (used for every bf16 run, DP = 1 included): fp32 main
+    # parameters, the bf16 model weights are those rounded; the EMA and the export are fp32 and come
+    # from full-precision values.
     parts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
-    assert all(isinstance(part, Float16OptimizerWithFloat16Params) for part in parts)
-    assert {p.dtype for p in trainer.optimizer.get_parameters()} == {torch.float32}
+    assert all(isinstance(part, DistributedOptimizer) for part in parts)
     exported = main_params(trainer.model, trainer.optimizer)
     more_precise = 0
     for name, p in trainer.model.named_parameters():
         assert exported[name].dtype == torch.float32
         if p.dtype == torch.bfloat16:
-            assert p.main_param.dtype == torch.float32
-            assert torch.equal(p, p.main_param.to(torch.bfloat16)), name
-            assert torch.equal(exported[name], p.main_param)
+            assert torch.equal(p, exported[name].to(torch.bfloat16)), name
             more_precise += int(not torch.equal(exported[name], p.float()))
         else:
             assert torch.equal(exported[name], p)
@@ -268,3 +266,17 @@ def test_fp16_is_refused_before_launch():
             Path(__file__).parents[2] / "examples" / "tiny" / "t2v.yaml",
             ["runtime.dtype=fp16", "data.data_list=null"],
         )
+
+
+def test_resume_with_another_dtype_names_the_change(megatron_single, tmp_path):
+    from megatron_video.training import checkpoint as ckpt
+
+    cfg = _config("fp32", caption_channels=32, pooled_projection_dim=24, timestep_embed_dim=32)
+    state = randomize(build_model(cfg), seed=6, std=0.05)
+    _, _, _, saved = _train("bf16", state, 1)
+    ckpt.save_checkpoint(
+        tmp_path, 1, saved.model_chunks, saved.optimizer, saved.scheduler, saved.train_state()
+    )
+    _, _, _, other = _train("fp32", state, 1)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="runtime.dtype changed"):
+        ckpt.load_checkpoint(tmp_path, other.model_chunks, other.optimizer, other.scheduler)
