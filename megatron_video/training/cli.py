@@ -71,6 +71,7 @@ def main(task: str, argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(task, argv)
+    caller_group = dist.is_initialized()  # a notebook's or test's group is the caller's to end
     try:
         if args.curriculum:
             overrides = [args.config, *args.overrides] if args.config else args.overrides
@@ -87,6 +88,6 @@ def main(task: str, argv: list[str] | None = None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not caller_group:
             dist.destroy_process_group()
     return 0
