@@ -50,6 +50,12 @@ def parse_args(argv=None):
     )
     cond.add_argument("--video", help="condition video: its first --condition-frames frames are continued")
     p.add_argument("--condition-frames", type=int, default=None, help="frames of --video kept (default: 1/4)")
+    p.add_argument(
+        "--noise-strength",
+        type=float,
+        default=0.0,
+        help="noise on the condition frames, in [0, 1] (0 = none)",
+    )
     p.add_argument("--num-frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
         ),
         seed=args.seed,
         fps=args.fps or cfg.data.train_fps,
+        condition_noise=args.noise_strength,
     )
     if args.negative_prompt is not None:
         sc.negative_prompt = args.negative_prompt
@@ -234,9 +241,16 @@ def main(argv=None) -> int:
     for first in range(0, len(mine), args.batch_size):
         batch = mine[first : first + args.batch_size]
         timer = StepTimer(sc.steps, runtime.is_main, f"prompts {batch[0]}-{batch[-1]}")
-        condition = (
-            encode_condition(vae, [frames] * len(batch), sc.num_frames) if frames is not None else None
-        )
+        condition = None
+        if frames is not None:
+            condition = encode_condition(
+                vae,
+                [frames] * len(batch),
+                sc.num_frames,
+                (sc.height, sc.width),
+                sc.condition_noise,
+                [sc.seed + i for i in batch],
+            )
         latents = sample_latents(
             model,
             text,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_video.data.i2v_masks import compress_mask, inference_condition
+from megatron_video.data.i2v_masks import add_inference_condition_noise, compress_mask, inference_condition
 from megatron_video.diffusion import ddpm_sample, euler_flow_sample, flow_sigmas, guided_velocity
 
 DEFAULT_NEGATIVE_PROMPT = (
@@ -78,6 +78,9 @@ class SamplingConfig:
 
     fps: float = 24.0
     """Frame rate of the written mp4."""
+
+    condition_noise: float = 0.0
+    """I2V: strength in [0, 1] of the noise added to the kept condition frames (0 = none)."""
 
     @property
     def use_cfg(self) -> bool:
@@ -181,15 +184,36 @@ def latent_shape(vae, cfg: SamplingConfig) -> tuple[int, int, int, int]:
 
 
 def encode_condition(
-    vae, condition_frames: Sequence[torch.Tensor], num_frames: int
+    vae,
+    condition_frames: Sequence[torch.Tensor],
+    num_frames: int,
+    size: tuple[int, int] | None = None,
+    noise_strength: float = 0.0,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inpainting inputs (masked-video latents and compressed mask) for per-prompt condition frames
-    ([K, 3, H, W] in [-1, 1]: one frame = i2v, two = first/last transition, more = continuation)."""
-    device = next(vae.parameters()).device
+    ([K, 3, H, W] in [-1, 1]: one frame = i2v, two = first/last transition, more = continuation).
+
+    size: the (H, W) being sampled, checked against the frames. noise_strength: the release's
+    inference condition noise (sigma ~ exp(N(log s, 0.01)) on the kept frames; 0 = none), drawn
+    per prompt from `seeds`.
+    """
+    device = next((p.device for p in vae.parameters()), condition_frames[0].device)
     masked, masks = [], []
-    for frames in condition_frames:
+    for i, frames in enumerate(condition_frames):
+        if size is not None and tuple(frames.shape[-2:]) != tuple(size):
+            raise ValueError(
+                f"condition frames are {tuple(frames.shape[-2:])} but the video is sampled at {tuple(size)}; "
+                "resize them (tools/sample_video.py centre-crops and resizes)"
+            )
         c = inference_condition(frames.to(device), num_frames)
-        masked.append(c.masked_video_CTHW)
+        video = c.masked_video_CTHW
+        if noise_strength:
+            gen = torch.Generator().manual_seed(int(seeds[i] if seeds is not None else i) + 2_000_003)
+            video = add_inference_condition_noise(
+                video[None].cpu(), c.mask_1THW[None].cpu(), noise_strength, gen
+            )[0]
+        masked.append(video.to(device))
         masks.append(c.mask_1THW)
     return {
         "masked_latents_BCTHW": vae.encode_latents(torch.stack(masked), sample=False),
@@ -280,7 +304,10 @@ def generate(
     """Videos [B, 3, T, H, W] in [-1, 1] for `prompts` (I2V when `condition_frames` are given: one
     [K, 3, H, W] tensor in [-1, 1] per prompt). Seeds default to cfg.seed + prompt position."""
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(prompts))]
-    condition = encode_condition(vae, condition_frames, cfg.num_frames) if condition_frames else None
+    condition = None
+    if condition_frames:
+        size = (cfg.height, cfg.width)
+        condition = encode_condition(vae, condition_frames, cfg.num_frames, size, cfg.condition_noise, seeds)
     latents = sample_latents(
         model, text_encoder, prompts, cfg, latent_shape(vae, cfg), seeds, condition, groups, ddpm, progress
     )

@@ -11,16 +11,15 @@ max |diff| <= 1e-5 (fp32).
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import pytest
 import torch
 
 from megatron_video.diffusion import DDPMObjective
 from megatron_video.inference.pipeline import FLOW_SAMPLER, InferenceGroups, SamplingConfig, sample_latents
-from megatron_video.models.text.encoders import TextEmbeddings
 from megatron_video.testing.distributed import init_megatron_parallel, run_distributed
 from megatron_video.testing.models import build_model, randomize, tiny_config
+from megatron_video.testing.text import HashTextEncoder
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("megatron_single")]
 
@@ -31,17 +30,8 @@ MASK_CHANNELS = 8
 TOLERANCE = 1e-5
 
 
-class HashTextEncoder:
-    """Deterministic stand-in for the text encoder pair: embeddings seeded by the text itself."""
-
-    def encode_texts(self, texts):
-        hidden, masks, pooled = [], [], []
-        for text in texts:
-            gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
-            hidden.append(torch.randn(6, MODEL["caption_channels"], generator=gen))
-            masks.append((torch.arange(6) < 3 + len(text) % 4).float())
-            pooled.append(torch.randn(MODEL["pooled_projection_dim"], generator=gen))
-        return TextEmbeddings(torch.stack(hidden), torch.stack(masks), torch.stack(pooled))
+def _text() -> HashTextEncoder:
+    return HashTextEncoder(MODEL["caption_channels"], MODEL["pooled_projection_dim"])
 
 
 def _sampling(**overrides) -> SamplingConfig:
@@ -74,7 +64,7 @@ def _serial(state, prompts, sc: SamplingConfig, inpaint: bool) -> dict[int, torc
     condition = _condition(len(prompts)) if inpaint else None
     latents = sample_latents(
         model.eval(),
-        HashTextEncoder(),
+        _text(),
         prompts,
         sc,
         SHAPE,
@@ -114,7 +104,7 @@ def _worker(rank, world_size, layouts, states, sc):
         layout_sc = _layout_sampling(sc, layout)
         latents = sample_latents(
             model.eval(),
-            HashTextEncoder(),
+            _text(),
             [PROMPTS[i] for i in mine],
             layout_sc,
             SHAPE,
