@@ -1,7 +1,7 @@
 """runtime.dtype=bf16 under DP + distributed optimizer, TP + SP, Ulysses CP and PP against one process.
 
 Trainer steps from the same weights on the same global batches and noise. The reference is the
-bf16 Trainer in the test process (DP = 1, plain mixed-precision optimizer); an fp32 reference run
+bf16 Trainer in the test process (DP = 1; bf16 always runs Megatron's distributed optimizer); an fp32 reference run
 sizes what bf16 round-off alone does.
 
 * DP = 2 with the distributed optimizer, and PP = 2: every matmul sees what it sees in one process
@@ -12,7 +12,8 @@ sizes what bf16 round-off alone does.
   Measured: 0 for the losses, 8e-10 / 5e-9 relative L2 for the main parameters.
 * TP = 2 + SP and CP = 2: the bf16 matmuls are split differently (a row-parallel output is a bf16
   sum of two bf16 partial products), so results differ by bf16 round-off: losses within rel 5e-3,
-  gradients (all parameters, TP shards merged) within relative L2 3e-2 and within 3x the one-process
+  gradients (all parameters, TP shards merged; under CP, whose ranks hold distributed-optimizer
+  shards of the gradient buffer, the global gradient norm) within relative L2 3e-2 and within 3x the one-process
   bf16 vs fp32 difference, main parameters after two AdamW steps within 3x that difference.
   Measured: loss 8e-5 / 4e-5, gradients 3.8e-3 / 3.3e-3 (bf16 vs fp32: 5.0e-3), main parameters
   1.2e-3 / 4.4e-4 (bf16 vs fp32: 1.7e-3).
@@ -177,8 +178,7 @@ def test_bf16_parallel_layouts_match_one_process(megatron_single):
             report[f"{layout} rank {rank}"] = dict(loss=loss_err, main=main_err)
             if layout.get("dp") or layout.get("pp"):
                 # The one-process matmuls, fp32 reductions and main parameters: fp32 round-off.
-                expected = "DistributedOptimizer" if layout.get("dp") else "Float16OptimizerWithFloat16Params"
-                assert run["optimizer"] == [expected], run["optimizer"]
+                assert run["optimizer"] == ["DistributedOptimizer"], run["optimizer"]
                 assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5)
                 assert run["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4)
                 if layout.get("pp"):
@@ -188,7 +188,12 @@ def test_bf16_parallel_layouts_match_one_process(megatron_single):
                 for name, p in run["mains"].items():
                     torch.testing.assert_close(p, ref["mains"][name], rtol=1e-4, atol=1e-5)
                 continue
-            grad_err = max(_relative(run["grads"][s], ref["grads"][s]) for s in range(STEPS))
+            if layout.get("cp"):
+                # The distributed optimizer shards over DP x CP: each CP rank's gradient buffer holds
+                # only its reduced shard, so the global gradient norm is compared instead.
+                grad_err = max(abs(a - b) / b for a, b in zip(run["grad_norms"], ref["grad_norms"]))
+            else:
+                grad_err = max(_relative(run["grads"][s], ref["grads"][s]) for s in range(STEPS))
             report[f"{layout} rank {rank}"]["grad"] = grad_err
             assert loss_err < 5e-3, report
             assert grad_err < 3e-2 and grad_err < 3 * grad_bf16, report
