@@ -12,8 +12,10 @@ with --cfg-parallel, pairs of replicas running the conditional and unconditional
 rank per replica (pair) writes sample_<prompt index>.mp4 for its prompts.
 
 Weights: a flat export (final_ema.safetensors or final_model.safetensors beside its .json) or a
-training checkpoint directory (EMA weights unless --raw). Samplers: flow_euler for rectified-flow
-models (static shift 7.0 or --linear-quadratic; CFG 8.0, rescale 0.7, template "high quality, {}" as
+training checkpoint directory (EMA weights unless --raw). An I2V model sampled without
+--image / --video generates from text alone, every frame masked (the t2iv mode it was trained with).
+
+Samplers: flow_euler for rectified-flow models (static shift 7.0 or --linear-quadratic; CFG 8.0, rescale 0.7, template "high quality, {}" as
 in v1.5); euler_ancestral (default), euler, ddim or ddpm for v-prediction / epsilon models
 (training.objective.kind in the config; CFG 7.5, no rescale, "high quality, high aesthetic, {}" as in
 v1.3).
@@ -115,6 +117,25 @@ def _pick(given, flow_default, ddpm_default, flow: bool):
 def _error(message: str) -> int:
     print(f"sample_video: {message}", file=sys.stderr)
     return 2
+
+
+def has_inpainting_weights(path: str) -> bool:
+    """Whether a flat export or a training checkpoint holds an I2V model (inpainting embeddings)."""
+    if Path(path).is_dir():
+        from megatron.core import dist_checkpointing
+
+        from megatron_video.training.checkpoint import read_checkpoint_metadata
+
+        keys = dist_checkpointing.load_tensors_metadata(read_checkpoint_metadata(path)["path"])
+    else:
+        from safetensors import safe_open
+
+        weights = (
+            Path(path) if Path(path).suffix == ".safetensors" else Path(path).with_suffix(".safetensors")
+        )
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    return any(k.startswith(("inpaint.", "ema.inpaint.")) for k in keys)
 
 
 def load_weights(model, runtime, path: str, raw: bool) -> None:
@@ -223,7 +244,10 @@ def main(argv=None) -> int:
     runtime = setup_parallel(cfg, init_distributed(cfg))
     groups = build_inference_groups(args.cfg_parallel)
     conditioned = bool(args.image or args.video)
-    model = build_denoiser(cfg, runtime, "i2v" if conditioned else "t2v").eval()
+    inpainting = has_inpainting_weights(args.weights)
+    if conditioned and not inpainting:
+        return _error(f"{args.weights} is a text-to-video model; --image / --video need I2V weights")
+    model = build_denoiser(cfg, runtime, "i2v" if inpainting else "t2v").eval()
     load_weights(model, runtime, args.weights, args.raw)
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
@@ -234,6 +258,8 @@ def main(argv=None) -> int:
     elif args.video:
         k = args.condition_frames or max(1, sc.num_frames // 4)
         frames = load_video_start(args.video, k, sc.height, sc.width, sc.fps)
+    elif inpainting:  # an I2V model without condition frames: every frame masked (the t2iv mode)
+        frames = torch.empty(0, 3, sc.height, sc.width)
 
     mine = groups.prompt_indices(len(prompts))
     out = Path(args.out_dir)

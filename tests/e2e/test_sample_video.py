@@ -93,3 +93,20 @@ def test_continuation_from_video(tmp_path):
     _run(2, args, 29663)  # the i2v config's Ulysses CP=2
     frames, codec, _ = _decode(tmp_path / "out" / "sample_000.mp4")
     assert frames.shape == (9, 64, 64, 3) and codec == "h264"
+
+
+def test_i2v_model_without_condition_and_t2v_model_with_one(tmp_path):
+    i2v = _export(tmp_path / "i2v", "examples/tiny/i2v.yaml", inpaint=True)
+    args = ["--config", "examples/tiny/i2v.yaml", "--prompt", "a street", *COMMON, *SERIAL]
+    _run(1, [*args, "--weights", str(i2v), "--out-dir", str(tmp_path / "t2iv")], 29664)
+    frames, _, _ = _decode(tmp_path / "t2iv" / "sample_000.mp4")
+    assert frames.shape == (9, 64, 64, 3)
+
+    t2v = _export(tmp_path / "t2v", "examples/tiny/i2v.yaml", inpaint=False)
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
+    cmd = [sys.executable, "tools/sample_video.py", *args, "--weights", str(t2v), "--image", str(image)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "need I2V weights" in done.stderr
