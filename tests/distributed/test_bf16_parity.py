@@ -198,3 +198,5 @@ def test_bf16_parallel_layouts_match_one_process(megatron_single):
             assert loss_err < 5e-3, report
             assert grad_err < 3e-2 and grad_err < 3 * grad_bf16, report
             assert main_err < 3 * main_bf16, report
+    for name, values in report.items():
+        print(name, {k: f"{v:.1e}" for k, v in values.items()})
