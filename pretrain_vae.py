@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_video.training.vae_trainer import main
+from megatron_video.training.cli import vae_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(vae_main())

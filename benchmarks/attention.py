@@ -1,19 +1,20 @@
 """Skiparse attention against dense attention on CPU: measured speed-ups and why they fall short of k.
 
-Times `joint_skiparse_attention` (forward + backward) with sparsity k against the same call with
-k = 1 (dense joint attention) on the same video + text sequence, then an `SUVBlock` with k against
-the same block (same weights) with k = 1. All variants of one shape run round-robin, in a rotated
-order each round, so machine noise reaches dense and sparse alike; every time is a median over
-rounds, after one untimed warm-up run of each variant. Every timed run is under torch.profiler,
-which splits it into time inside the SDPA kernels (forward and backward), inside other ops
-(padding, regrouping, the [video ; text] concatenation, permutes, and their backward) and in no
-op; the summary explains each speed-up under 0.7 k from these measurements.
+Times `joint_skiparse_attention` (forward + backward) with sparsity k (`sparse_n`) against the
+same call with k = 1 (dense joint attention) on the same video + text sequence, then an `SUVBlock`
+with k against the same block (same weights) with k = 1. All variants of one shape run
+round-robin, in a rotated order each round, so machine noise reaches dense and sparse alike; every
+time is a median over rounds, after one untimed warm-up run of each variant. Every timed run is
+under torch.profiler, which splits it into time inside the SDPA kernels (forward and backward),
+inside other ops (padding, regrouping, the [video ; text] concatenation, permutes, and their
+backward) and in no op; the summary explains each speed-up under 0.7 k from these measurements.
 
     python benchmarks/attention.py                  # default sizes, about 10 minutes on 2 cores
     python benchmarks/attention.py --quick          # under a minute: checks that the script works
     python benchmarks/attention.py --json out.json  # also write every number as JSON
 
-Shapes: N video tokens, L text tokens, B batch, h heads, d head dim, k sparsity, D block width.
+Shapes: N video tokens, L text tokens, B batch, h heads, d head dim, D block width. The Skiparse
+sparsity is `sparse_n` (as `model.sparse_n`; `--sparse-n` here), written k in the prose and tables.
 Video tensors are sequence-first [N, B, h, d], text [L, B, h, d], as the attention function takes
 them. FLOP counts are nominal matmul FLOPs: forward 4 B h S_q S_k d, backward 2.5 x forward.
 """
@@ -122,8 +123,8 @@ def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
     return 3.5 * 4 * batch * heads * seq * seq * head_dim
 
 
-def attention_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes) -> dict:
-    """Forward + backward closures of joint attention: 'dense' (k = 1) and '<mode> k=<k>'."""
+def attention_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
+    """Forward + backward closures of joint attention: 'dense' (sparse_n = 1) and '<mode> k=<sparse_n>'."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -139,25 +140,25 @@ def attention_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes)
     video_keep_BN = torch.ones(1, n, dtype=torch.bool)
     text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
 
-    def make(sparse_k: int, group: bool) -> Callable[[], None]:
+    def make(sparse_n: int, group: bool) -> Callable[[], None]:
         def step() -> None:
-            out = joint_skiparse_attention(*inputs, video_keep_BN, text_keep_BL, sparse_k, group)
+            out = joint_skiparse_attention(*inputs, video_keep_BN, text_keep_BL, sparse_n, group)
             torch.autograd.grad(out, inputs, grads)
 
         return step
 
     steps = {"dense": make(1, False)}
     for mode in modes:
-        for k in ks:
-            steps[f"{mode} k={k}"] = make(k, MODES[mode])
+        for sparse_n in sparse_ns:
+            steps[f"{mode} k={sparse_n}"] = make(sparse_n, MODES[mode])
     return steps
 
 
-def block_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes) -> dict:
-    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<k>', same weights."""
+def block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
+    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<sparse_n>', same weights."""
     cfg = tiny_config(num_heads=heads, head_dim=head_dim)
     plan = build_parallel_plan(cfg)
-    dense = SUVBlock(cfg.model, plan, sparse_k=1, group=False)
+    dense = SUVBlock(cfg.model, plan, sparse_n=1, group=False)
     gen = torch.Generator().manual_seed(0)
     d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
     x_SBD = torch.randn(n, 1, d, generator=gen).requires_grad_()
@@ -182,23 +183,23 @@ def block_steps(n: int, num_text: int, heads: int, head_dim: int, ks, modes) -> 
 
     steps = {"dense": make(dense)}
     for mode in modes:
-        for k in ks:
-            block = SUVBlock(cfg.model, plan, sparse_k=k, group=MODES[mode])
+        for sparse_n in sparse_ns:
+            block = SUVBlock(cfg.model, plan, sparse_n=sparse_n, group=MODES[mode])
             block.load_state_dict(dense.state_dict())
-            steps[f"{mode} k={k}"] = make(block)
+            steps[f"{mode} k={sparse_n}"] = make(block)
     return steps
 
 
-def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head_dim: int, ks, modes):
+def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes):
     """Table rows with the theory (FLOP ratio with the text keys) and the measured split."""
     dense = runs["dense"]
     dense_flops = attention_flops(1, heads, n + num_text, head_dim)
     rows = []
     for mode in modes:
-        for k in ks:
-            sparse = runs[f"{mode} k={k}"]
-            seq_j = (n + skiparse_padding(n, k)) // k + num_text
-            flop_ratio = dense_flops / attention_flops(k, heads, seq_j, head_dim)
+        for sparse_n in sparse_ns:
+            sparse = runs[f"{mode} k={sparse_n}"]
+            seq_j = (n + skiparse_padding(n, sparse_n)) // sparse_n + num_text
+            flop_ratio = dense_flops / attention_flops(sparse_n, heads, seq_j, head_dim)
             rows.append(
                 dict(
                     tokens=n,
@@ -206,11 +207,11 @@ def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head
                     head_dim=head_dim,
                     heads=heads,
                     mode=mode,
-                    k=k,
+                    sparse_n=sparse_n,
                     dense_ms=1e3 * dense.median_s,
                     sparse_ms=1e3 * sparse.median_s,
                     speedup=dense.median_s / sparse.median_s,
-                    speedup_per_k=dense.median_s / sparse.median_s / k,
+                    speedup_per_k=dense.median_s / sparse.median_s / sparse_n,
                     sub_sequence=seq_j,
                     flop_ratio=flop_ratio,
                     speedup_of_min=dense.min_s / sparse.min_s,
@@ -229,25 +230,25 @@ def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head
     return rows
 
 
-def block_rows(runs: dict[str, Run], n: int, heads: int, head_dim: int, ks, modes):
+def block_rows(runs: dict[str, Run], n: int, heads: int, head_dim: int, sparse_ns, modes):
     """Block table rows with the SDPA share of the dense block and the bound it implies."""
     dense = runs["dense"]
     share = dense.kernel_s / dense.median_s
     rows = []
     for mode in modes:
-        for k in ks:
-            sparse = runs[f"{mode} k={k}"]
+        for sparse_n in sparse_ns:
+            sparse = runs[f"{mode} k={sparse_n}"]
             rows.append(
                 dict(
                     tokens=n,
                     heads=heads,
                     head_dim=head_dim,
                     mode=mode,
-                    k=k,
+                    sparse_n=sparse_n,
                     dense_ms=1e3 * dense.median_s,
                     sparse_ms=1e3 * sparse.median_s,
                     speedup=dense.median_s / sparse.median_s,
-                    speedup_per_k=dense.median_s / sparse.median_s / k,
+                    speedup_per_k=dense.median_s / sparse.median_s / sparse_n,
                     speedup_of_min=dense.min_s / sparse.min_s,
                     dense_sdpa_share=share,
                     bound_if_attention_free=1.0 / (1.0 - share),
@@ -266,7 +267,7 @@ def print_attention_table(rows) -> None:
     )
     for r in rows:
         print(
-            f"{r['tokens']:>6} {r['head_dim']:>4} {r['heads']:>2} {r['mode']:>6} {r['k']:>2} "
+            f"{r['tokens']:>6} {r['head_dim']:>4} {r['heads']:>2} {r['mode']:>6} {r['sparse_n']:>2} "
             f"{r['dense_ms']:>10.1f} {r['sparse_ms']:>10.1f} {r['speedup']:>8.2f} "
             f"{r['speedup_per_k']:>5.2f} {r['speedup_of_min']:>5.2f} {r['flop_ratio']:>6.2f} "
             f"{r['kernel_speedup']:>8.2f}"
@@ -281,7 +282,7 @@ def print_block_table(rows) -> None:
     for r in rows:
         width = f"{r['heads']}x{r['head_dim']}"
         print(
-            f"{r['tokens']:>6} {width:>8} {r['mode']:>6} {r['k']:>2} {r['dense_ms']:>10.1f} "
+            f"{r['tokens']:>6} {width:>8} {r['mode']:>6} {r['sparse_n']:>2} {r['dense_ms']:>10.1f} "
             f"{r['sparse_ms']:>10.1f} {r['speedup']:>8.2f} {r['speedup_per_k']:>5.2f} "
             f"{r['speedup_of_min']:>5.2f} {100 * r['dense_sdpa_share']:>9.0f}% "
             f"{r['kernel_only_speedup']:>12.2f} {r['bound_if_attention_free']:>5.2f}"
@@ -300,9 +301,9 @@ def why(attn_rows, blk_rows) -> list[str]:
         "             Python and the autograd engine). Time the process waits for a core lands in whichever",
         "             op is running, so on a loaded machine every factor carries that noise.",
     ]
-    short = [r for r in attn_rows if r["speedup"] < 0.7 * r["k"]]
+    short = [r for r in attn_rows if r["speedup"] < 0.7 * r["sparse_n"]]
     factors = {
-        "text": [r["flop_ratio"] / r["k"] for r in short],
+        "text": [r["flop_ratio"] / r["sparse_n"] for r in short],
         "kernel": [r["kernel_speedup"] / r["flop_ratio"] for r in short],
         "copies": [r["speedup"] / r["kernel_speedup"] for r in short],
     }
@@ -313,10 +314,10 @@ def why(attn_rows, blk_rows) -> list[str]:
         )
         top = ", ".join(f"{name} {1e3 * sec:.0f}" for name, sec in r["sparse_top_other"])
         lines += [
-            f"  N={r['tokens']} d={r['head_dim']} {r['mode']} k={r['k']}: {r['speedup']:.2f}x = {r['k']} x text "
+            f"  N={r['tokens']} d={r['head_dim']} {r['mode']} k={r['sparse_n']}: {r['speedup']:.2f}x = {r['sparse_n']} x text "
             f"{text:.2f} x kernel {kernel:.2f} x copies {copies:.2f}; largest loss: {worst[0]}",
             f"      SDPA {r['dense_gflops']:.0f} GFLOP/s at S={r['tokens'] + r['text_len']} (batch 1) vs "
-            f"{r['sparse_gflops']:.0f} at S={r['sub_sequence']} (batch {r['k']}); other ops "
+            f"{r['sparse_gflops']:.0f} at S={r['sub_sequence']} (batch {r['sparse_n']}); other ops "
             f"{r['sparse_other_ops_ms']:.0f} ms sparse vs {r['dense_other_ops_ms']:.0f} dense (ms: {top}); "
             f"unattributed {r['sparse_unattributed_ms']:.0f} vs {r['dense_unattributed_ms']:.0f} ms",
         ]
@@ -342,7 +343,7 @@ def why(attn_rows, blk_rows) -> list[str]:
             "attention. 'if SDPA only' is the speed-up had only the kernel time changed; measured:",
             "  "
             + ", ".join(
-                f"{b['mode']} k={b['k']} {b['speedup']:.2f}x (if SDPA only {b['kernel_only_speedup']:.2f}x)"
+                f"{b['mode']} k={b['sparse_n']} {b['speedup']:.2f}x (if SDPA only {b['kernel_only_speedup']:.2f}x)"
                 for b in blk_rows
             ),
         ]
@@ -360,7 +361,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="video tokens N")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument(
+        "--sparse-n", "--ks", dest="sparse_ns", type=int, nargs="+", default=[2, 4, 8], help="sparsities k"
+    )
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--heads", type=int, default=None, help="default: max(threads, min(4, 16384 // N))")
     parser.add_argument("--text-len", type=int, default=64, help="text tokens L")
@@ -374,7 +377,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.head_dims, args.ks, args.repeats, args.heads = [1024], [64], [2, 4], 2, 2
+        args.tokens, args.head_dims, args.sparse_ns, args.repeats, args.heads = [1024], [64], [2, 4], 2, 2
         args.block_tokens, args.block_heads, args.block_head_dim = 1024, 2, 64
     return args
 
@@ -390,12 +393,12 @@ def main() -> None:
     heads_rule = f"{args.heads}" if args.heads else "max(threads, min(4, 16384 // N))"
     print(
         f"sizes: batch 1, video N in {args.tokens}, text L={args.text_len}, head dims {args.head_dims}, "
-        f"heads {heads_rule}, k in {args.ks}, modes {args.modes}; "
+        f"heads {heads_rule}, k in {args.sparse_ns}, modes {args.modes}; "
         f"{args.repeats} timed rounds per shape after one warm-up run"
     )
     # 1. Warm-up: every attention variant once on a small shape (thread pool, kernel dispatch).
     for d in args.head_dims:
-        for step in attention_steps(1024, args.text_len, 1, d, args.ks, args.modes).values():
+        for step in attention_steps(1024, args.text_len, 1, d, args.sparse_ns, args.modes).values():
             step()
 
     # 2. Attention: dense and every (mode, k) interleaved, shape by shape.
@@ -403,9 +406,9 @@ def main() -> None:
     for n in args.tokens:
         heads = args.heads or max(args.threads, min(4, 16384 // n))
         for d in args.head_dims:
-            steps = attention_steps(n, args.text_len, heads, d, args.ks, args.modes)
+            steps = attention_steps(n, args.text_len, heads, d, args.sparse_ns, args.modes)
             runs = run_round_robin(steps, args.repeats)
-            rows = attention_rows(runs, n, args.text_len, heads, d, args.ks, args.modes)
+            rows = attention_rows(runs, n, args.text_len, heads, d, args.sparse_ns, args.modes)
             attn_rows += rows
             peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             print(
@@ -426,9 +429,9 @@ def main() -> None:
     if not args.no_block:
         init_single_process()
         n, h, d = args.block_tokens, args.block_heads, args.block_head_dim
-        steps = block_steps(n, args.text_len, h, d, args.ks, args.modes)
+        steps = block_steps(n, args.text_len, h, d, args.sparse_ns, args.modes)
         runs = run_round_robin(steps, args.repeats)
-        blk_rows = block_rows(runs, n, h, d, args.ks, args.modes)
+        blk_rows = block_rows(runs, n, h, d, args.sparse_ns, args.modes)
         print(
             f"\nSUV block forward + backward, N={n}, L={args.text_len}, width D = {h} heads x {d} = {h * d} "
             f"(block k vs the same weights at k = 1; each sparse block load_state_dict's the dense one)"

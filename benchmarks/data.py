@@ -34,13 +34,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from megatron_video.data import (
-    DataConfig,
-    MegabatchBucketSampler,
-    VideoTextDataset,
-    build_dataloader,
-    set_epoch,
-)
+from megatron_video.data.config import DataConfig, SampleGeometry
+from megatron_video.data.dataset import VideoTextDataset, build_dataloader, set_epoch
+from megatron_video.data.sampler import MegabatchBucketSampler
 
 LoaderFactory = Callable[[int], DataLoader]
 """Worker count -> a DataLoader over one epoch of the benchmark data."""
@@ -74,10 +70,9 @@ def decoded_video_loader(args: argparse.Namespace) -> LoaderFactory:
         hw_stride=16,
         min_h_div_w_ratio=0.2,
         max_h_div_w_ratio=2.0,
-        batch_size=args.batch_size,
         bucket_drop_threshold=0.0,
     )
-    dataset = VideoTextDataset(cfg)
+    dataset = VideoTextDataset(cfg, SampleGeometry(micro_batch_size=args.batch_size))
     print(f"decode: {len(dataset)} samples in buckets {sorted(set(dataset.bucket_keys))}")
 
     def make(num_workers: int) -> DataLoader:
@@ -150,18 +145,14 @@ def feature_loaders(args: argparse.Namespace, data_cfg: DataConfig) -> dict[str,
 
     from megatron_video.config.loader import to_dict
     from megatron_video.config.schema import build_config
-    from megatron_video.data.feature_cache import (
-        CachedBatches,
-        CachedFeatureDataset,
-        FeatureCache,
-        FeatureCacheConfig,
-        build_feature_cache,
-        merge_index,
-    )
+    from megatron_video.data.batches import EncodedBatches
+    from megatron_video.data.config import FeatureCacheConfig
+    from megatron_video.data.feature_cache.build import build_feature_cache, merge_index
+    from megatron_video.data.feature_cache.read import CachedBatches, CachedFeatureDataset, FeatureCache
     from megatron_video.models.text.encoders import TextEncoderPair
-    from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+    from megatron_video.models.wfvae.config import WFVAEConfig
+    from megatron_video.models.wfvae.model import WFVAE
     from megatron_video.testing.vae import randomize_vae
-    from megatron_video.training.batches import EncodedBatches
 
     vae_name = args.cache_vae or ("tiny" if args.quick else "wfvae-m-quarter")
     vae_kw = dict(CACHE_VAES[vae_name])
@@ -169,7 +160,7 @@ def feature_loaders(args: argparse.Namespace, data_cfg: DataConfig) -> dict[str,
     vae = WFVAE(WFVAEConfig.from_flavor(flavor, **vae_kw))
     randomize_vae(vae, seed=0)
     vae.eval().requires_grad_(False)
-    data = {k: v for k, v in to_dict(data_cfg).items() if k not in ("vae_stride_t", "vae_stride_hw")}
+    data = to_dict(data_cfg)
     cfg = build_config(
         {
             "model": {"flavor": "tiny"},
@@ -207,12 +198,14 @@ def feature_loaders(args: argparse.Namespace, data_cfg: DataConfig) -> dict[str,
     def encoded(num_workers: int) -> _SourceEpochs:
         c = stage_cfg(num_workers)
         return _SourceEpochs(
-            EncodedBatches(c, VideoTextDataset(c.data), vae, text, 0, 1), sampler, vae.temporal_stride
+            EncodedBatches(c, VideoTextDataset(c.data, c.sample_geometry), vae, text, 0, 1),
+            sampler,
+            vae.temporal_stride,
         )
 
     def cached(num_workers: int) -> _SourceEpochs:
         c = stage_cfg(num_workers)
-        dataset = CachedFeatureDataset(cache, c.data, c.captions, c.training.seed)
+        dataset = CachedFeatureDataset(cache, c.data, c.sample_geometry, c.captions, c.training.seed)
         return _SourceEpochs(CachedBatches(c, dataset, 0, 1), sampler, vae.temporal_stride)
 
     a, b = next(iter(encoded(0))), next(iter(cached(0)))

@@ -98,7 +98,7 @@ def _worker(rank, world_size, flavor, layout, args):
     text = _RandomText(args.text_length, m.caption_channels, m.pooled_projection_dim)
     steps = args.warmup + args.steps
     sc = SamplingConfig(steps=steps, guidance_scale=7.0, guidance_rescale=0.7, shift=7.0)
-    groups = build_inference_groups(layout["cfg_parallel"])
+    groups = build_inference_groups(model.plan, layout["cfg_parallel"])
     timer = StepTimer(steps, False)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from megatron_video.models.wfvae import WFVAE, WFVAEConfig
-from megatron_video.models.wfvae.model import auto_chunk_sizes
+from megatron_video.models.wfvae.config import WFVAEConfig
+from megatron_video.models.wfvae.model import WFVAE, auto_chunk_sizes
 from megatron_video.testing.vae import randomize_vae
 
 

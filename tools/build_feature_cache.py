@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def feature_settings(cfg, args: argparse.Namespace):
     """The config's `features` section (defaults until it exists) with the command-line flags applied."""
-    from megatron_video.data.feature_cache import FeatureCacheConfig
+    from megatron_video.data.config import FeatureCacheConfig
 
     base = cfg.features or FeatureCacheConfig()
     flags = {
@@ -59,14 +59,10 @@ def feature_settings(cfg, args: argparse.Namespace):
 
 def main(argv=None) -> int:
     from megatron_video.config import load_config
-    from megatron_video.data.feature_cache import (
-        FeatureCache,
-        build_feature_cache,
-        merge_index,
-        wait_for_shards,
-    )
+    from megatron_video.data.feature_cache.build import build_feature_cache, merge_index, wait_for_shards
+    from megatron_video.data.feature_cache.read import FeatureCache
     from megatron_video.errors import ConfigError
-    from megatron_video.training.runtime import launcher_env, select_device
+    from megatron_video.platform.launch import launcher_env, select_device
     from megatron_video.training.stage import build_text_encoder, build_vae
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -101,11 +101,9 @@ def write_weights(path: str | Path, state: dict[str, torch.Tensor]) -> Path:
 def suv_config(flavor: str, overrides: list[str]) -> SUVConfig:
     """SUV config from a flavor and `field=value` overrides."""
     from megatron_video.config.loader import apply_overrides, from_dict
+    from megatron_video.models.suv.config import with_flavor
 
-    data = apply_overrides({"flavor": flavor}, overrides)
-    from megatron_video.models.suv.config import FLAVORS
-
-    return from_dict(SUVConfig, {**FLAVORS[flavor], **data})
+    return from_dict(SUVConfig, with_flavor(apply_overrides({"flavor": flavor}, overrides)))
 
 
 # -- shared pieces of the checkpoint commands ------------------------------------------------------
@@ -120,9 +118,10 @@ def _stage_config(config: str, overrides: list[str]):
 
 def _runtime(cfg):
     """Process groups for cfg's layout over the launcher's world (a single process is a world of 1)."""
-    from megatron_video.training.runtime import init_distributed, setup_parallel
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import init_distributed
 
-    return setup_parallel(cfg, init_distributed(cfg))
+    return setup_parallel(cfg, init_distributed(cfg.runtime))
 
 
 def _chunks(model) -> list:
@@ -194,9 +193,9 @@ def _check_geometry(saved: dict, model_cfg: SUVConfig, where: str) -> None:
 
 
 def _refuse_existing(save_dir: str | Path) -> None:
-    from megatron_video.training import checkpoint as ckpt
+    from megatron_video.training.checkpoint_files import complete_checkpoints
 
-    found = ckpt.complete_checkpoints(save_dir)
+    found = complete_checkpoints(save_dir)
     if found:
         raise FileExistsError(
             f"{save_dir} already holds checkpoints (iterations {sorted(found)}); write to an empty directory"
@@ -401,7 +400,8 @@ def reshard(args) -> Path:
     )
     _main_print(
         f"{meta['path']}: iteration {meta['iteration']} saved at {_layout(meta['layout'])} loads at "
-        f"{_layout(ckpt.current_layout())}" + ("" if state["rng_restored"] else " (random streams reseeded)")
+        f"{_layout(ckpt.current_layout(ckpt.model_plan(trainer.model_chunks)))}"
+        + ("" if state["rng_restored"] else " (random streams reseeded)")
     )
     if not args.out:
         return Path(meta["path"])

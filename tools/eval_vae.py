@@ -13,7 +13,7 @@ torchvision ImageNet state dict; nothing is downloaded. Clips shorter than the p
 and counted. Images are evaluated only with --num-frames 1.
 
 Weights: our flat export (`.safetensors` beside its `.json`), one of our training checkpoints
-(`checkpoints/step_<n>.pt`), an Open-Sora-Plan folder (config.json + weights) or an Open-Sora-Plan
+(`checkpoints/iter_<n>/vae_train_state.pt`), an Open-Sora-Plan folder (config.json + weights) or an Open-Sora-Plan
 training `.ckpt` (give `--flavor`). Timings exclude a warm-up pass and are per clip at batch 1.
 """
 
@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_vae(weights: str | Path, flavor: str | None = None, use_ema: bool = True):
     """(WFVAE in eval mode, its config) from any supported weights format."""
     from megatron_video.errors import ConfigError
-    from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+    from megatron_video.models.wfvae.config import WFVAEConfig
+    from megatron_video.models.wfvae.model import WFVAE
     from megatron_video.models.wfvae.state_dict_adapter import load_open_sora_plan
 
     path = Path(weights)

@@ -174,7 +174,8 @@ def main(argv=None) -> int:
         sample_latents,
         write_videos,
     )
-    from megatron_video.training.runtime import init_distributed, setup_parallel
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import init_distributed
     from megatron_video.training.stage import build_denoiser, build_text_encoder, build_vae
 
     args = parse_args(argv)
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
     if args.cfg_parallel and not sc.use_cfg:
         return _error("--cfg-parallel needs classifier-free guidance (--guidance-scale != 1)")
 
-    from megatron_video.training.runtime import launcher_env
+    from megatron_video.platform.launch import launcher_env
 
     world = launcher_env()[1]
     replicas, rest = divmod(world, cfg.parallel.model_parallel_size)
@@ -241,8 +242,8 @@ def main(argv=None) -> int:
                 else "it must divide the processes"
             )
         )
-    runtime = setup_parallel(cfg, init_distributed(cfg))
-    groups = build_inference_groups(args.cfg_parallel)
+    runtime = setup_parallel(cfg, init_distributed(cfg.runtime))
+    groups = build_inference_groups(runtime.plan, args.cfg_parallel)
     conditioned = bool(args.image or args.video)
     inpainting = has_inpainting_weights(args.weights)
     if conditioned and not inpainting:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_video.models.causal_vae.config import CausalVAEConfig
+from megatron_video.models.wfvae.config import WFVAEConfig
+
 
 @dataclass
 class VAESection:
@@ -28,3 +31,15 @@ class VAESection:
 
     sample_posterior: bool = True
     """Train on posterior samples (as released) rather than posterior means."""
+
+    def model_config(self) -> WFVAEConfig | CausalVAEConfig:
+        """The VAE's geometry from its flavor (a flat export's own config may refine it at load)."""
+        if self.kind == "causal_vae":
+            return CausalVAEConfig.from_flavor(self.flavor)
+        return WFVAEConfig.from_flavor(self.flavor, chunked=self.chunked)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """(temporal, spatial) compression of the configured VAE."""
+        c = self.model_config()
+        return c.temporal_stride, c.spatial_stride

@@ -19,11 +19,14 @@ from megatron_video.config.loader import (
     read_yaml_with_bases,
 )
 from megatron_video.config.training import TrainingConfig
-from megatron_video.data.config import DataConfig
-from megatron_video.data.feature_cache import FeatureCacheConfig
-from megatron_video.data.i2v_masks import I2VMaskConfig
-from megatron_video.data.text import TextConfig
-from megatron_video.models.suv.config import FLAVORS, SUVConfig
+from megatron_video.data.config import (
+    DataConfig,
+    FeatureCacheConfig,
+    I2VMaskConfig,
+    SampleGeometry,
+    TextConfig,
+)
+from megatron_video.models.suv.config import SUVConfig, with_flavor
 from megatron_video.models.text.config import TextEncoderPairConfig
 
 
@@ -80,7 +83,7 @@ class RuntimeConfig:
 
 @dataclass
 class ShapeConfig:
-    """The largest video the run feeds the model, and the VAE that maps it to latents."""
+    """The largest video the run feeds the model (its latent size follows from `vae`)."""
 
     num_frames: int = 1
     """Pixel frames per sample (1 = images); must be 1 + multiple of the VAE temporal stride."""
@@ -91,19 +94,8 @@ class ShapeConfig:
     width: int = 256
     """Pixel width; a multiple of the VAE spatial stride x model patch size."""
 
-    vae_stride_t: int = 8
-    """VAE temporal compression (8 for WF-VAE 8x8x8, 4 for 4x8x8)."""
-
-    vae_stride_hw: int = 8
-    """VAE spatial compression."""
-
     text_length: int = 512
     """Text tokens per caption fed to the model."""
-
-    @property
-    def latent_frames(self) -> int:
-        """Latent frames of a causal VAE: 1 + (num_frames - 1) / stride_t."""
-        return 1 + (self.num_frames - 1) // self.vae_stride_t
 
 
 @dataclass
@@ -126,8 +118,8 @@ class ExperimentConfig:
     """Objective, optimiser, clipping, EMA, checkpoints and logging of one training stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Annotations, decoding, frame and resolution rules, buckets. Its VAE strides and
-    context-parallel size are filled from `vae` and `parallel` (one source each)."""
+    """Annotations, decoding, frame and resolution rules, buckets. What the VAE, the parallel
+    layout and the micro-batch impose on samples comes from `sample_geometry`."""
 
     captions: TextConfig = field(default_factory=TextConfig)
     """Caption choice, cleanup, aesthetic notice and CFG dropout."""
@@ -144,6 +136,25 @@ class ExperimentConfig:
     features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     """Latent / text-feature cache: T2V stages read tools/build_feature_cache.py output instead of
     running the VAE and text encoder (cache_dir None = encode online)."""
+
+    @property
+    def sample_geometry(self) -> SampleGeometry:
+        """What the VAE (`vae`), the context-parallel size (`parallel`) and the micro-batch
+        (`training`) impose on every sample: computed here only, passed to the data pipeline."""
+        stride_t, stride_hw = self.vae.strides
+        return SampleGeometry(
+            vae_stride_t=stride_t,
+            vae_stride_hw=stride_hw,
+            context_parallel=self.parallel.context_parallel,
+            micro_batch_size=self.training.micro_batch_size,
+        )
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the largest sample's latent (`shape` through the VAE strides)."""
+        stride_t, stride_hw = self.vae.strides
+        s = self.shape
+        return 1 + (s.num_frames - 1) // stride_t, s.height // stride_hw, s.width // stride_hw
 
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix; needs no process group."""
@@ -164,7 +175,7 @@ class ExperimentConfig:
                 "training.optimizer.distributed_optimizer=true"
             )
         if self.data.data_list is not None:
-            self.data.validate()
+            self.data.validate(self.sample_geometry)
             if self.parallel.context_parallel > 1 and self.data.media != "videos":
                 raise ConfigError(
                     f"parallel.context_parallel={self.parallel.context_parallel} splits latent frames, and an image has "
@@ -180,6 +191,8 @@ class ExperimentConfig:
                     f"{text_width}-wide token states; set model.caption_channels={text_width}"
                 )
         p, m, s = self.parallel, self.model, self.shape
+        stride_t, stride_hw = self.vae.strides
+        latent_frames = self.latent_grid[0]
         for name in ("tensor_parallel", "context_parallel", "pipeline_parallel"):
             if getattr(p, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
@@ -222,19 +235,19 @@ class ExperimentConfig:
             )
         if p.world_size is not None:
             self.micro_batches_per_step(p.world_size // p.model_parallel_size)
-        if (s.num_frames - 1) % s.vae_stride_t != 0:
-            valid = [1 + s.vae_stride_t * i for i in range(1, 5)]
+        if (s.num_frames - 1) % stride_t != 0:
+            valid = [1 + stride_t * i for i in range(1, 5)]
             raise ConfigError(
                 f"shape.num_frames={s.num_frames} must be 1 + a multiple of the VAE temporal stride "
-                f"{s.vae_stride_t} (e.g. 1, {', '.join(map(str, valid))}, ...)"
+                f"{stride_t} (e.g. 1, {', '.join(map(str, valid))}, ...)"
             )
-        if s.num_frames > 1 and s.latent_frames % p.context_parallel != 0:
+        if s.num_frames > 1 and latent_frames % p.context_parallel != 0:
             raise ConfigError(
-                f"{s.latent_frames} latent frames (shape.num_frames={s.num_frames}) are not divisible by "
+                f"{latent_frames} latent frames (shape.num_frames={s.num_frames}) are not divisible by "
                 f"parallel.context_parallel={p.context_parallel}; pick num_frames with "
-                f"(num_frames - 1) / {s.vae_stride_t} + 1 a multiple of {p.context_parallel}"
+                f"(num_frames - 1) / {stride_t} + 1 a multiple of {p.context_parallel}"
             )
-        spatial = s.vae_stride_hw * m.patch_size
+        spatial = stride_hw * m.patch_size
         for name in ("height", "width"):
             if getattr(s, name) % spatial != 0:
                 raise ConfigError(
@@ -278,53 +291,25 @@ def _text_width(text: TextEncoderPairConfig) -> int | None:
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`."""
     data = apply_overrides(data, list(overrides or []))
-    model = dict(data.get("model") or {})
-    flavor = model.get("flavor", SUVConfig.flavor)
-    if flavor not in FLAVORS:
-        raise ConfigError(f"unknown model.flavor '{flavor}'; choose one of {sorted(FLAVORS)}")
-    data = {**data, "model": {**FLAVORS[flavor], **model, "flavor": flavor}}
+    data = {**data, "model": with_flavor(dict(data.get("model") or {}))}
     cfg = from_dict(ExperimentConfig, data)
-    fill_derived_fields(cfg, explicit_shape="shape" in data)
+    if "shape" not in data:
+        derive_shape(cfg)
     cfg.validate()
     return cfg
 
 
-def vae_strides(vae: VAESection) -> tuple[int, int]:
-    """(temporal, spatial) compression of the configured VAE."""
-    if vae.kind == "causal_vae":
-        from megatron_video.models.causal_vae.config import CausalVAEConfig
-
-        c = CausalVAEConfig.from_flavor(vae.flavor)
-        return c.temporal_stride, c.spatial_stride
-    from megatron_video.models.wfvae.config import WFVAEConfig
-
-    c = WFVAEConfig.from_flavor(vae.flavor)
-    return c.temporal_compression, 8
-
-
-def fill_derived_fields(cfg: ExperimentConfig, explicit_shape: bool = False) -> None:
-    """Copy settings that live in one section into the sections that need them.
-
-    data.vae_stride_* come from the VAE, data.context_parallel from `parallel`, data.batch_size
-    from training.micro_batch_size; when the config
-    has a data list, `shape` (the largest sample, used by validation) comes from `data`, `vae`
-    and the text encoder unless the file sets `shape` itself.
-    """
+def derive_shape(cfg: ExperimentConfig) -> None:
+    """Set `shape` (the largest sample, used by validation and the FLOP count) from the data rules
+    and the text encoder, when the config has a data list and sets no `shape` of its own."""
     if cfg.data.data_list is None:
         return
-    st, shw = vae_strides(cfg.vae)
-    cfg.data.vae_stride_t, cfg.data.vae_stride_hw = st, shw
-    cfg.data.context_parallel = cfg.parallel.context_parallel
-    cfg.data.batch_size = cfg.training.micro_batch_size
-    if not explicit_shape:
-        cfg.shape = ShapeConfig(
-            num_frames=cfg.data.num_frames,
-            height=cfg.data.max_height,
-            width=cfg.data.max_width,
-            vae_stride_t=st,
-            vae_stride_hw=shw,
-            text_length=cfg.text.context.max_length,
-        )
+    cfg.shape = ShapeConfig(
+        num_frames=cfg.data.num_frames,
+        height=cfg.data.max_height,
+        width=cfg.data.max_width,
+        text_length=cfg.text.context.max_length,
+    )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

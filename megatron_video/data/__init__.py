@@ -7,40 +7,9 @@ video_io.py     PyAV decoding of chosen frames, Pillow images, the one H.264 wri
 dataset.py      VideoTextDataset (replaces unreadable files within the bucket), build_dataloader
 sampler.py      MegabatchBucketSampler: one shape per micro-batch, split by data-parallel rank
 collate.py      stacking plus the latent-resolution video mask
+config.py       the data-side config sections (descriptions and validation only) and SampleGeometry
+text.py         captions: choice, cleanup, aesthetic notice, CFG dropout, tokenisation
+i2v_masks.py    image-to-video masks, masked video, latent-grid mask, condition noise
+batches.py      TrainBatch, BatchSource, keyed generators, EncodedBatches (encoders in the step)
+feature_cache   latent / text-feature cache: format, build, read
 """
-
-from megatron_video.data.collate import VideoCollate, collate_samples, latent_shape
-from megatron_video.data.config import DataConfig
-from megatron_video.data.dataset import (
-    VideoTextDataset,
-    bucket_key,
-    build_dataloader,
-    parse_bucket_key,
-    set_epoch,
-)
-from megatron_video.data.sampler import MegabatchBucketSampler
-from megatron_video.data.video_io import (
-    MediaReadError,
-    read_image,
-    read_video_frames,
-    video_to_uint8,
-    write_video,
-)
-
-__all__ = [
-    "DataConfig",
-    "MediaReadError",
-    "MegabatchBucketSampler",
-    "VideoCollate",
-    "VideoTextDataset",
-    "bucket_key",
-    "build_dataloader",
-    "collate_samples",
-    "latent_shape",
-    "parse_bucket_key",
-    "read_image",
-    "read_video_frames",
-    "set_epoch",
-    "video_to_uint8",
-    "write_video",
-]

@@ -1,5 +1,8 @@
-"""Settings of the video/image data pipeline: where the data is, which frames and sizes a sample gets,
-and how samples are bucketed and loaded.
+"""Settings of the data pipeline (descriptions and validation only; no implementation is imported):
+where the data is, which frames and sizes a sample gets, how samples are bucketed and loaded
+(`DataConfig`), what the model side imposes on every sample (`SampleGeometry`, derived once from the
+experiment config), captions (`TextConfig`), image-to-video masks (`I2VMaskConfig`) and the feature
+cache (`FeatureCacheConfig`).
 
 The defaults are the released Open-Sora-Plan v1.5 video stage (`examples/opensoraplan1.5/data.json`
 of tag v1.5.0): 121 frames at 24 fps, force-resolution 576x1024, aspect h/w in [0.42, 1.0],
@@ -8,11 +11,58 @@ WF-VAE strides 8x8x8. Where v1.3 differs the field says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_video.data.frames import snap_num_frames, valid_num_frames
 from megatron_video.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SampleGeometry:
+    """What the model side imposes on every sample. Not a config section: `ExperimentConfig.sample_geometry`
+    (or the VAE trainer) derives it from `vae`, `parallel` and `training`, and the data pipeline takes it
+    as an argument."""
+
+    vae_stride_t: int = 8
+    """VAE temporal compression: video lengths are 1 + a multiple of it."""
+
+    vae_stride_hw: int = 8
+    """VAE spatial compression: the collate builds the latent mask at H / stride x W / stride."""
+
+    context_parallel: int = 1
+    """Context-parallel size: video lengths are snapped so their latent frames divide by it."""
+
+    micro_batch_size: int = 1
+    """Samples per micro-batch on one data-parallel rank (one shape per micro-batch)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for a size below 1."""
+        for name in ("vae_stride_t", "vae_stride_hw", "context_parallel", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def snap_num_frames(
+    length: int, vae_stride_t: int, context_parallel: int = 1, min_num_frames: int = 29
+) -> int | None:
+    """Largest y <= length with (y-1) % stride == 0, ((y-1)/stride + 1) % cp == 0, y >= min; else None.
+
+    Stride 8: 33, 41, 49, 57, ... (25 is below the default minimum 29); stride 8 with CP 4: 57, 89, 121.
+    """
+    for y in range(length, min_num_frames - 1, -1):
+        if y >= 1 and (y - 1) % vae_stride_t == 0 and ((y - 1) // vae_stride_t + 1) % context_parallel == 0:
+            return y
+    return None
+
+
+def valid_num_frames(
+    vae_stride_t: int, context_parallel: int, min_num_frames: int, max_num_frames: int
+) -> list[int]:
+    """Every length in [min_num_frames, max_num_frames] that `snap_num_frames` can return."""
+    step = vae_stride_t * context_parallel
+    first = 1 + vae_stride_t * (context_parallel - 1)
+    return [y for y in range(first, max_num_frames + 1, step) if y >= min_num_frames]
 
 
 @dataclass
@@ -105,23 +155,7 @@ class DataConfig:
     max_h_div_w_ratio: float = 1.0
     """Skip sources whose aspect h / w is above this (1.0 = no portrait sources, as released)."""
 
-    # ----- model geometry the data must fit -----------------------------------------------------
-    vae_stride_t: int = 8
-    """VAE temporal compression; video lengths are 1 + a multiple of it (same value as
-    `shape.vae_stride_t`)."""
-
-    vae_stride_hw: int = 8
-    """VAE spatial compression; the collate builds the latent mask at H / stride x W / stride (same
-    value as `shape.vae_stride_hw`)."""
-
-    context_parallel: int = 1
-    """Context-parallel size: video lengths are snapped so latent frames divide by it (same value as
-    `parallel.context_parallel`)."""
-
     # ----- batching and loading ----------------------------------------------------------------
-    batch_size: int = 1
-    """Micro-batch per data-parallel rank (one shape per micro-batch)."""
-
     seed: int = 42
     """Seed of every data-side random choice: drop-short draws, temporal crops, the sampler's order and
     replacements of unreadable samples. Equal on all ranks."""
@@ -145,12 +179,14 @@ class DataConfig:
     max_load_attempts: int = 20
     """Replacements tried (same bucket) after an unreadable sample before the loader raises."""
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the field and the fix; reads no file."""
-        for name in ("num_frames", "min_num_frames", "max_height", "max_width", "hw_stride", "batch_size"):
+    def validate(self, geometry: SampleGeometry) -> None:
+        """Raise ConfigError naming the field and the fix; reads no file. `geometry` is what the VAE,
+        the context-parallel size and the micro-batch impose on samples."""
+        geometry.validate()
+        for name in ("num_frames", "min_num_frames", "max_height", "max_width", "hw_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vae_stride_t", "vae_stride_hw", "context_parallel", "max_load_attempts"):
+        for name in ("max_load_attempts",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("train_fps", "default_fps", "too_long_factor", "decode_timeout_s"):
@@ -171,16 +207,15 @@ class DataConfig:
                 f"data.min_num_frames={self.min_num_frames} exceeds data.num_frames={self.num_frames}; "
                 f"lower min_num_frames (image stages with num_frames=1 need min_num_frames=1)"
             )
-        snapped = snap_num_frames(
-            self.num_frames, self.vae_stride_t, self.context_parallel, self.min_num_frames
-        )
+        g = geometry
+        snapped = snap_num_frames(self.num_frames, g.vae_stride_t, g.context_parallel, self.min_num_frames)
         if self.num_frames > 1 and snapped != self.num_frames:
             valid = valid_num_frames(
-                self.vae_stride_t, self.context_parallel, self.min_num_frames, max(self.num_frames, 1) * 2
+                g.vae_stride_t, g.context_parallel, self.min_num_frames, max(self.num_frames, 1) * 2
             )[:6]
             raise ConfigError(
-                f"data.num_frames={self.num_frames} is not a length the VAE (temporal stride {self.vae_stride_t}) "
-                f"and context parallel size {self.context_parallel} accept with min_num_frames="
+                f"data.num_frames={self.num_frames} is not a length the VAE (temporal stride {g.vae_stride_t}) "
+                f"and context parallel size {g.context_parallel} accept with min_num_frames="
                 f"{self.min_num_frames}; valid lengths: {valid or 'none'} (1 + k x stride with "
                 f"(1 + k) divisible by the context-parallel size)"
             )
@@ -189,9 +224,9 @@ class DataConfig:
                 f"data.min_h_div_w_ratio={self.min_h_div_w_ratio} and data.max_h_div_w_ratio="
                 f"{self.max_h_div_w_ratio} must satisfy 0 < min <= max"
             )
-        if self.hw_stride % self.vae_stride_hw != 0:
+        if self.hw_stride % g.vae_stride_hw != 0:
             raise ConfigError(
-                f"data.hw_stride={self.hw_stride} must be a multiple of data.vae_stride_hw={self.vae_stride_hw} "
+                f"data.hw_stride={self.hw_stride} must be a multiple of the VAE spatial stride {g.vae_stride_hw} "
                 "(normally VAE stride x patch size)"
             )
         if self.min_hxw is not None and self.min_hxw < 1:
@@ -213,3 +248,163 @@ class DataConfig:
                 raise ConfigError(
                     f"data.min_hxw={self.min_hxw} exceeds data.max_hxw={self.max_hxw}; every sample would be skipped"
                 )
+
+
+@dataclass
+class TextConfig:
+    """Caption handling options of the data pipeline (the encoders themselves are configured in
+    `TextEncoderPairConfig`)."""
+
+    caption_dropout: float = 0.1
+    """Probability that a caption is dropped for classifier-free guidance (released: 0.1)."""
+
+    default_text_ratio: float = 0.0
+    """Of the dropped captions, the fraction replaced by the neutral default sentence instead of "".
+    Open-Sora-Plan's I2V training uses 0.5; T2V uses 0."""
+
+    default_text_video: str = "A video of a coherent scene with clear, stable visuals."
+    """Neutral sentence a dropped video caption may become (see `default_text_ratio`)."""
+
+    default_text_image: str = "An image of a coherent scene with clear visuals."
+    """Neutral sentence a dropped image caption may become (see `default_text_ratio`)."""
+
+    aesthetic_notice: bool = True
+    """Add a low/high aesthetic phrase when the sample has an aesthetic score."""
+
+    aesthetic_low: float = 4.25
+    """Scores at or below this get a low-aesthetic phrase."""
+
+    aesthetic_high: float = 5.75
+    """Scores at or above this get a high-aesthetic phrase."""
+
+    clean: bool = True
+    """Clean captions: HTML entities and tags, URLs, @handles, dash and quote variants, whitespace."""
+
+    lowercase: bool = True
+    """Lower-case captions while cleaning (the released cleanup does)."""
+
+    keep_cjk: bool = False
+    """Keep CJK ideographs while cleaning; v1.5 (English T5) drops them, mT5 models keep them."""
+
+    fix_unicode: bool = False
+    """Repair mojibake with `ftfy` while cleaning (the released cleanup does). Needs `pip install ftfy`."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for probabilities outside [0, 1] or inverted aesthetic thresholds."""
+        for name in ("caption_dropout", "default_text_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"text.{name} must be in [0, 1], got {value}")
+        if self.aesthetic_low >= self.aesthetic_high:
+            raise ConfigError(
+                f"text.aesthetic_low={self.aesthetic_low} must be below text.aesthetic_high={self.aesthetic_high}"
+            )
+
+
+MASK_TYPES = ("t2iv", "i2v", "transition", "continuation", "clear", "random_temporal")
+"""Every mask type, in the release's order."""
+
+IMAGE_MASK_TYPES = ("t2iv", "clear")
+"""Mask types an image (one frame) may get."""
+
+
+@dataclass
+class I2VMaskConfig:
+    """How I2V training samples are masked and how the kept frames are perturbed."""
+
+    video_mask_ratios: dict[str, float] = field(
+        default_factory=lambda: {
+            "t2iv": 1.0,
+            "i2v": 8.0,
+            "transition": 8.0,
+            "continuation": 2.0,
+            "clear": 0.0,
+            "random_temporal": 1.0,
+        }
+    )
+    """Relative weight of each mask type for videos (normalised; all zero = uniform over the listed
+    types). The default is the released mask_config.yaml: 5/40/40/10/0/5 %."""
+
+    image_mask_ratios: dict[str, float] = field(default_factory=lambda: {"t2iv": 1.0, "clear": 1.0})
+    """Relative weight of t2iv and clear for images (the release's all-zero dict means 50/50)."""
+
+    min_clear_ratio: float = 0.0
+    """Lower bound of the kept fraction for continuation and random_temporal (k >= floor(T x it))."""
+
+    max_clear_ratio: float = 1.0
+    """Upper bound of the kept fraction for continuation and random_temporal (k <= ceil(T x it))."""
+
+    condition_noise: bool = False
+    """Add Gaussian noise to the kept frames of the masked video during training."""
+
+    noise_log_mean: float = -3.0
+    """Mean of log(sigma_c): each sample's noise scale is sigma_c = exp(N(mean, std))."""
+
+    noise_log_std: float = 0.5
+    """Standard deviation of log(sigma_c)."""
+
+    noise_clear_ratio: float = 0.05
+    """Probability that a sample's kept frames get no noise at all."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for unknown mask types, negative weights or bad ratios."""
+        _check_ratios("i2v.video_mask_ratios", self.video_mask_ratios, MASK_TYPES)
+        _check_ratios("i2v.image_mask_ratios", self.image_mask_ratios, IMAGE_MASK_TYPES)
+        for name in ("min_clear_ratio", "max_clear_ratio", "noise_clear_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"i2v.{name} must be in [0, 1], got {value}")
+        if self.min_clear_ratio > self.max_clear_ratio:
+            raise ConfigError(
+                f"i2v.min_clear_ratio={self.min_clear_ratio} exceeds i2v.max_clear_ratio={self.max_clear_ratio}"
+            )
+        if self.noise_log_std < 0:
+            raise ConfigError(f"i2v.noise_log_std must be >= 0, got {self.noise_log_std}")
+
+
+def _check_ratios(name: str, ratios: Mapping[str, float], allowed: Sequence[str]) -> None:
+    if not ratios:
+        raise ConfigError(f"{name} is empty; give a weight to at least one of {list(allowed)}")
+    unknown = sorted(set(ratios) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{name} has mask types {unknown}; allowed: {list(allowed)}")
+    negative = {k: v for k, v in ratios.items() if v < 0}
+    if negative:
+        raise ConfigError(f"{name} weights must be >= 0, got {negative}")
+
+
+@dataclass
+class FeatureCacheConfig:
+    """Training from pre-computed VAE latents and text features (the `features` config section)."""
+
+    cache_dir: str | None = None
+    """Folder of a cache written by tools/build_feature_cache.py. Set: T2V stages read latents and
+    text features from it and load neither the VAE nor the text encoder. None: encode online. I2V
+    stages cannot use a cache (see megatron_video/data/feature_cache/format.py)."""
+
+    crop_epochs: int = 1
+    """Temporal crops cached per video: epoch e trains on the crop of epoch e mod crop_epochs, so
+    epochs below this value see exactly the online crops. 1 freezes every clip to its epoch-0 crop.
+    A clip with a single possible window (and every image) stores one latent whatever the value."""
+
+    latent_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage of the posterior mean and std. float32 reproduces the online latents exactly;
+    bfloat16 halves the latent bytes (most of the cache) at ~0.4% relative rounding of mean and std,
+    which is exact only when the VAE itself ran in bfloat16."""
+
+    samples_per_shard: int = 64
+    """Samples per shard file while building: the unit of resume (a stopped build redoes at most one
+    shard per rank) and of the open-file cache while reading."""
+
+    text_batch_size: int = 64
+    """Caption strings per text-encoder call while building."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for sizes below 1 or an unknown dtype."""
+        for name in ("crop_epochs", "samples_per_shard", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"features.{name} must be >= 1, got {getattr(self, name)}")
+        if self.latent_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(
+                f"features.latent_dtype must be one of ['bfloat16', 'float32'], got {self.latent_dtype!r}"
+            )

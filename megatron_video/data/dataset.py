@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatron_video.data.annotations import Entry, load_annotations
 from megatron_video.data.collate import VideoCollate
-from megatron_video.data.config import DataConfig
+from megatron_video.data.config import DataConfig, SampleGeometry
 from megatron_video.data.frames import FramePlan, Skipped, plan_video_frames
 from megatron_video.data.resolution import plan_resolution, to_model_input
 from megatron_video.data.sampler import MegabatchBucketSampler
@@ -65,6 +65,28 @@ def parse_bucket_key(key: str) -> tuple[int, int, int]:
     return t, h, w
 
 
+def bucket_members(bucket_keys: Sequence[str]) -> dict[str, list[int]]:
+    """Dataset indices of each bucket, in index order."""
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(bucket_keys):
+        members.setdefault(key, []).append(i)
+    return members
+
+
+def replacement_order(seed: int, epoch: int, index: int, members: Sequence[int]) -> Iterator[int]:
+    """`index`, then the other members of its bucket (`members`, dataset indices) in an order fixed by
+    (seed, epoch, index): the samples tried in turn when `index` cannot be loaded.
+
+    The order does not depend on what failed before, so every process that meets the same
+    unreadable files picks the same replacement (the feature cache replaces failed samples by it too).
+    """
+    yield index
+    rng = np.random.default_rng([seed, epoch, index])
+    for position in rng.permutation(len(members)).tolist():
+        if members[position] != index:
+            yield members[position]
+
+
 @dataclass(frozen=True)
 class SamplePlan:
     """What one entry becomes: its frames (None for images) and its target size."""
@@ -83,7 +105,9 @@ class SamplePlan:
         return bucket_key(self.num_frames, self.height, self.width)
 
 
-def plan_samples(entries: Sequence[Entry], cfg: DataConfig) -> tuple[list[SamplePlan], Counter]:
+def plan_samples(
+    entries: Sequence[Entry], cfg: DataConfig, geometry: SampleGeometry
+) -> tuple[list[SamplePlan], Counter]:
     """Apply the frame and resolution rules to every entry; returns the plans and skip counts by reason.
 
     The drop-short draws come from one generator seeded with cfg.seed, in entry order, so every rank
@@ -105,7 +129,7 @@ def plan_samples(entries: Sequence[Entry], cfg: DataConfig) -> tuple[list[Sample
         frames = None
         if not entry.is_image:
             start = entry.cut[0] if (entry.cut and cfg.use_cut) else 0
-            frames = plan_video_frames(entry.num_frames, entry.fps, start, cfg, rng)
+            frames = plan_video_frames(entry.num_frames, entry.fps, start, cfg, geometry, rng)
             if isinstance(frames, Skipped):
                 skipped["video_" + frames.reason] += 1
                 continue
@@ -116,17 +140,18 @@ def plan_samples(entries: Sequence[Entry], cfg: DataConfig) -> tuple[list[Sample
 class VideoTextDataset(Dataset):
     """Map-style dataset of annotated videos and images; see the module docstring for a sample."""
 
-    def __init__(self, cfg: DataConfig, entries: Sequence[Entry] | None = None):
-        """Read `cfg.data_list` (unless `entries` are given) and plan every sample."""
-        cfg.validate()
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, geometry: SampleGeometry, entries: Sequence[Entry] | None = None):
+        """Read `cfg.data_list` (unless `entries` are given) and plan every sample for `geometry` (VAE
+        strides, context-parallel size and micro-batch, from `ExperimentConfig.sample_geometry`)."""
+        cfg.validate(geometry)
+        self.cfg, self.geometry = cfg, geometry
         self.build_counts: Counter = Counter()
         if entries is None:
             if not cfg.data_list:
                 raise ConfigError("data.data_list is not set; point it at a data.txt")
             entries, report = load_annotations(cfg.data_list, check_files_exist=cfg.check_files_exist)
             self.build_counts.update({f"annotation_{k}": v for k, v in report.counts.items()})
-        self.plans, skipped = plan_samples(entries, cfg)
+        self.plans, skipped = plan_samples(entries, cfg, geometry)
         self.build_counts.update({f"skipped_{k}": v for k, v in skipped.items()})
         self.build_counts["samples"] = len(self.plans)
         if not self.plans:
@@ -135,9 +160,7 @@ class VideoTextDataset(Dataset):
                 "min_num_frames, the resolution limits and the aspect range"
             )
         self.bucket_keys: list[str] = [p.bucket for p in self.plans]
-        self.bucket_members: dict[str, list[int]] = {}
-        for i, key in enumerate(self.bucket_keys):
-            self.bucket_members.setdefault(key, []).append(i)
+        self.bucket_members = bucket_members(self.bucket_keys)
         self.epoch = 0
         self.failure_counts: Counter = Counter()
         self._known_bad: set[int] = set()
@@ -162,7 +185,7 @@ class VideoTextDataset(Dataset):
         failures: list[str] = []
         bucket = self.bucket_keys[index]
         tries = 0
-        for current in self._candidates(int(index)):
+        for current in replacement_order(self.cfg.seed, self.epoch, int(index), self.bucket_members[bucket]):
             path = self.plans[current].entry.path
             if current in self._known_bad:
                 if current == index:
@@ -191,19 +214,6 @@ class VideoTextDataset(Dataset):
             f"could not load a sample of bucket {bucket} for index {index}: {tries} files failed "
             f"({len(self._known_bad)} known-bad files in this process); last: " + " | ".join(failures[-3:])
         )
-
-    def _candidates(self, index: int):
-        """`index`, then the other members of its bucket in an order fixed by (seed, epoch, index).
-
-        The order does not depend on what failed before, so every process that meets the same
-        unreadable files picks the same replacement.
-        """
-        yield index
-        members = self.bucket_members[self.bucket_keys[index]]
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
-        for position in rng.permutation(len(members)).tolist():
-            if members[position] != index:
-                yield members[position]
 
     def load(self, index: int) -> dict[str, Any]:
         """Sample `index` without replacement or watchdog; raises on an unreadable file."""
@@ -266,13 +276,13 @@ def build_dataloader(
 ) -> DataLoader:
     """DataLoader over `dataset` with the megabatch bucket sampler and the one-shape collate.
 
-    Settings come from `dataset.cfg` (batch size, seed, grouping, bucket threshold, workers);
-    `num_workers` overrides cfg.num_workers. Start each epoch with `set_epoch(loader, epoch)`.
+    Settings come from `dataset.cfg` (seed, grouping, bucket threshold, workers) and
+    `dataset.geometry` (micro-batch, VAE strides); `num_workers` overrides cfg.num_workers. Start each epoch with `set_epoch(loader, epoch)`.
     """
-    cfg = dataset.cfg
+    cfg, geometry = dataset.cfg, dataset.geometry
     sampler = MegabatchBucketSampler(
         dataset.bucket_keys,
-        batch_size=cfg.batch_size,
+        batch_size=geometry.micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,
         seed=cfg.seed,
@@ -287,7 +297,7 @@ def build_dataloader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_fn or VideoCollate(cfg.vae_stride_t, cfg.vae_stride_hw),
+        collate_fn=collate_fn or VideoCollate(geometry.vae_stride_t, geometry.vae_stride_hw),
         persistent_workers=False,
     )
 

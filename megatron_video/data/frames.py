@@ -24,12 +24,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from megatron_video.data.config import DataConfig
+from megatron_video.data.config import DataConfig, SampleGeometry, snap_num_frames
 
 Rng = random.Random | np.random.Generator
 """Either kind of seeded generator; every random choice of the data pipeline takes one."""
@@ -91,28 +89,6 @@ def temporal_crop_start(total: int, size: int, rng: Rng) -> int:
     return rand_int(rng, 0, max(0, total - size - 1))
 
 
-def snap_num_frames(
-    length: int, vae_stride_t: int, context_parallel: int = 1, min_num_frames: int = 29
-) -> int | None:
-    """Largest y <= length with (y-1) % stride == 0, ((y-1)/stride + 1) % cp == 0, y >= min; else None.
-
-    Stride 8: 33, 41, 49, 57, ... (25 is below the default minimum 29); stride 8 with CP 4: 57, 89, 121.
-    """
-    for y in range(length, min_num_frames - 1, -1):
-        if y >= 1 and (y - 1) % vae_stride_t == 0 and ((y - 1) // vae_stride_t + 1) % context_parallel == 0:
-            return y
-    return None
-
-
-def valid_num_frames(
-    vae_stride_t: int, context_parallel: int, min_num_frames: int, max_num_frames: int
-) -> list[int]:
-    """Every length in [min_num_frames, max_num_frames] that `snap_num_frames` can return."""
-    step = vae_stride_t * context_parallel
-    first = 1 + vae_stride_t * (context_parallel - 1)
-    return [y for y in range(first, max_num_frames + 1, step) if y >= min_num_frames]
-
-
 @dataclass(frozen=True)
 class FramePlan:
     """The frames a video sample will have: candidate source indices and the sample length.
@@ -137,7 +113,7 @@ class FramePlan:
 
 
 def plan_video_frames(
-    clip_frames: int, fps: float | None, start: int, cfg: DataConfig, rng: Rng
+    clip_frames: int, fps: float | None, start: int, cfg: DataConfig, geometry: SampleGeometry, rng: Rng
 ) -> FramePlan | Skipped:
     """Steps 1-6 for a clip of `clip_frames` frames starting at source frame `start`.
 
@@ -156,7 +132,7 @@ def plan_video_frames(
         return TOO_SHORT
     indices = speed_up(indices, cfg.speed_factor, target)
     window = min(len(indices), target)
-    length = snap_num_frames(window, cfg.vae_stride_t, cfg.context_parallel, cfg.min_num_frames)
+    length = snap_num_frames(window, geometry.vae_stride_t, geometry.context_parallel, cfg.min_num_frames)
     if length is None:
         return TOO_SHORT_FOR_VAE
     return FramePlan(candidates=indices, window=window, length=length)

@@ -21,84 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from megatron_video.errors import ConfigError
-
-MASK_TYPES = ("t2iv", "i2v", "transition", "continuation", "clear", "random_temporal")
-"""Every mask type, in the release's order."""
-
-IMAGE_MASK_TYPES = ("t2iv", "clear")
-"""Mask types an image (one frame) may get."""
-
-
-@dataclass
-class I2VMaskConfig:
-    """How I2V training samples are masked and how the kept frames are perturbed."""
-
-    video_mask_ratios: dict[str, float] = field(
-        default_factory=lambda: {
-            "t2iv": 1.0,
-            "i2v": 8.0,
-            "transition": 8.0,
-            "continuation": 2.0,
-            "clear": 0.0,
-            "random_temporal": 1.0,
-        }
-    )
-    """Relative weight of each mask type for videos (normalised; all zero = uniform over the listed
-    types). The default is the released mask_config.yaml: 5/40/40/10/0/5 %."""
-
-    image_mask_ratios: dict[str, float] = field(default_factory=lambda: {"t2iv": 1.0, "clear": 1.0})
-    """Relative weight of t2iv and clear for images (the release's all-zero dict means 50/50)."""
-
-    min_clear_ratio: float = 0.0
-    """Lower bound of the kept fraction for continuation and random_temporal (k >= floor(T x it))."""
-
-    max_clear_ratio: float = 1.0
-    """Upper bound of the kept fraction for continuation and random_temporal (k <= ceil(T x it))."""
-
-    condition_noise: bool = False
-    """Add Gaussian noise to the kept frames of the masked video during training."""
-
-    noise_log_mean: float = -3.0
-    """Mean of log(sigma_c): each sample's noise scale is sigma_c = exp(N(mean, std))."""
-
-    noise_log_std: float = 0.5
-    """Standard deviation of log(sigma_c)."""
-
-    noise_clear_ratio: float = 0.05
-    """Probability that a sample's kept frames get no noise at all."""
-
-    def validate(self) -> None:
-        """Raise ConfigError for unknown mask types, negative weights or bad ratios."""
-        _check_ratios("i2v.video_mask_ratios", self.video_mask_ratios, MASK_TYPES)
-        _check_ratios("i2v.image_mask_ratios", self.image_mask_ratios, IMAGE_MASK_TYPES)
-        for name in ("min_clear_ratio", "max_clear_ratio", "noise_clear_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"i2v.{name} must be in [0, 1], got {value}")
-        if self.min_clear_ratio > self.max_clear_ratio:
-            raise ConfigError(
-                f"i2v.min_clear_ratio={self.min_clear_ratio} exceeds i2v.max_clear_ratio={self.max_clear_ratio}"
-            )
-        if self.noise_log_std < 0:
-            raise ConfigError(f"i2v.noise_log_std must be >= 0, got {self.noise_log_std}")
-
-
-def _check_ratios(name: str, ratios: Mapping[str, float], allowed: Sequence[str]) -> None:
-    if not ratios:
-        raise ConfigError(f"{name} is empty; give a weight to at least one of {list(allowed)}")
-    unknown = sorted(set(ratios) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{name} has mask types {unknown}; allowed: {list(allowed)}")
-    negative = {k: v for k, v in ratios.items() if v < 0}
-    if negative:
-        raise ConfigError(f"{name} weights must be >= 0, got {negative}")
+from megatron_video.data.config import IMAGE_MASK_TYPES, MASK_TYPES, I2VMaskConfig
 
 
 def normalize_ratios(ratios: Mapping[str, float]) -> dict[str, float]:

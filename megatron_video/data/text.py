@@ -15,10 +15,10 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from megatron_video.data.config import TextConfig
 from megatron_video.errors import ConfigError
 from megatron_video.models.text.config import TextEncoderPairConfig
 from megatron_video.models.text.encoders import TextTokenizer, build_tokenizers
@@ -56,57 +56,6 @@ HIGH_AESTHETIC_NOTICES = {
 """Phrases added to captions whose aesthetic score is at least `TextConfig.aesthetic_high`."""
 
 
-@dataclass
-class TextConfig:
-    """Caption handling options of the data pipeline (the encoders themselves are configured in
-    `TextEncoderPairConfig`)."""
-
-    caption_dropout: float = 0.1
-    """Probability that a caption is dropped for classifier-free guidance (released: 0.1)."""
-
-    default_text_ratio: float = 0.0
-    """Of the dropped captions, the fraction replaced by the neutral default sentence instead of "".
-    Open-Sora-Plan's I2V training uses 0.5; T2V uses 0."""
-
-    default_text_video: str = "A video of a coherent scene with clear, stable visuals."
-    """Neutral sentence a dropped video caption may become (see `default_text_ratio`)."""
-
-    default_text_image: str = "An image of a coherent scene with clear visuals."
-    """Neutral sentence a dropped image caption may become (see `default_text_ratio`)."""
-
-    aesthetic_notice: bool = True
-    """Add a low/high aesthetic phrase when the sample has an aesthetic score."""
-
-    aesthetic_low: float = 4.25
-    """Scores at or below this get a low-aesthetic phrase."""
-
-    aesthetic_high: float = 5.75
-    """Scores at or above this get a high-aesthetic phrase."""
-
-    clean: bool = True
-    """Clean captions: HTML entities and tags, URLs, @handles, dash and quote variants, whitespace."""
-
-    lowercase: bool = True
-    """Lower-case captions while cleaning (the released cleanup does)."""
-
-    keep_cjk: bool = False
-    """Keep CJK ideographs while cleaning; v1.5 (English T5) drops them, mT5 models keep them."""
-
-    fix_unicode: bool = False
-    """Repair mojibake with `ftfy` while cleaning (the released cleanup does). Needs `pip install ftfy`."""
-
-    def validate(self) -> None:
-        """Raise ConfigError for probabilities outside [0, 1] or inverted aesthetic thresholds."""
-        for name in ("caption_dropout", "default_text_ratio"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"text.{name} must be in [0, 1], got {value}")
-        if self.aesthetic_low >= self.aesthetic_high:
-            raise ConfigError(
-                f"text.aesthetic_low={self.aesthetic_low} must be below text.aesthetic_high={self.aesthetic_high}"
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # Random draws (all from the caller's generator)
 
@@ -132,6 +81,21 @@ def choose_caption(captions: str | Sequence[str], gen: torch.Generator | None = 
     return _pick(captions, gen)
 
 
+def aesthetic_notices(score: float | None, *, is_video: bool, low: float, high: float) -> tuple[str, ...]:
+    """The phrases a caption with aesthetic `score` may get: the low ones (score <= low), the high ones
+    (score >= high), none when the score is None or in between."""
+    if score is None or low < score < high:
+        return ()
+    return (LOW_AESTHETIC_NOTICES if score <= low else HIGH_AESTHETIC_NOTICES)[
+        "video" if is_video else "image"
+    ]
+
+
+def place_notice(caption: str, notice: str, before: bool) -> str:
+    """`notice` joined before or after `caption`."""
+    return f"{notice} {caption}" if before else f"{caption} {notice}"
+
+
 def add_aesthetic_notice(
     caption: str,
     score: float | None,
@@ -143,13 +107,11 @@ def add_aesthetic_notice(
 ) -> str:
     """Caption with a random low (score <= low) or high (score >= high) phrase placed before or
     after it at random; unchanged when the score is None or in between."""
-    if score is None or low < score < high:
+    notices = aesthetic_notices(score, is_video=is_video, low=low, high=high)
+    if not notices:
         return caption
-    notices = (LOW_AESTHETIC_NOTICES if score <= low else HIGH_AESTHETIC_NOTICES)[
-        "video" if is_video else "image"
-    ]
     notice = _pick(notices, gen)
-    return f"{notice} {caption}" if _uniform(gen) < 0.5 else f"{caption} {notice}"
+    return place_notice(caption, notice, before=_uniform(gen) < 0.5)
 
 
 _DASHES = re.compile(r"[\u2010-\u2015\u2212\u2e3a\u2e3b\u301c\ufe58\ufe63\uff0d]+")

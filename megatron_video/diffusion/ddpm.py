@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from megatron_video.diffusion.loss import Generators, draw, masked_mean
+from megatron_video.diffusion.loss import Generators, NoisedInputs, draw, masked_mean
 
 
 def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> torch.Tensor:
@@ -68,8 +68,8 @@ class DDPMObjective:
         a = self.alphas_bar[t_B]
         return a / (1 - a)
 
-    def training_loss(self, model, x0_BCTHW, cond: dict, generator: Generators, loss_mask_BTHW=None):
-        """Weighted masked MSE of the epsilon or v prediction."""
+    def noised_inputs(self, x0_BCTHW: torch.Tensor, generator: Generators) -> NoisedInputs:
+        """Draw timesteps, noise, then offset noise from `generator` (or one per sample); build x_t."""
         b = x0_BCTHW.shape[0]
         t = self.sample_timesteps(b, generator)
         noise = draw(generator, b, tuple(x0_BCTHW.shape[1:]))
@@ -82,11 +82,20 @@ class DDPMObjective:
             target = noise
         else:
             target = a.sqrt() * noise - (1 - a).sqrt() * x0_BCTHW.float()
-        pred = model(x_t.to(x0_BCTHW.dtype), t.float().to(x0_BCTHW.device), **cond)
         weight = None
         if self.snr_gamma is not None:
             snr = self.snr(t).float()
             clipped = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
             weight = clipped / snr if self.prediction == "epsilon" else clipped / (snr + 1)
             weight = torch.nan_to_num(weight, nan=0.0, posinf=0.0).to(x0_BCTHW.device)
-        return masked_mean((pred.float() - target) ** 2, loss_mask_BTHW, weight)
+        return NoisedInputs(x_t.to(x0_BCTHW.dtype), t.float().to(x0_BCTHW.device), target, weight)
+
+    def loss(self, pred: torch.Tensor, inputs: NoisedInputs, loss_mask_BTHW=None) -> torch.Tensor:
+        """Weighted (min-SNR) masked MSE of the epsilon or v prediction."""
+        return masked_mean((pred.float() - inputs.target) ** 2, loss_mask_BTHW, inputs.weight)
+
+    def training_loss(self, model, x0_BCTHW, cond: dict, generator: Generators, loss_mask_BTHW=None):
+        """Weighted masked MSE of the epsilon or v prediction."""
+        inputs = self.noised_inputs(x0_BCTHW, generator)
+        pred = model(inputs.x_t, inputs.timesteps, **cond)
+        return self.loss(pred, inputs, loss_mask_BTHW)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from megatron_video.diffusion.loss import Generators, draw, masked_mean
+from megatron_video.diffusion.loss import Generators, NoisedInputs, draw, masked_mean
 
 _SHIFT_A = (1.15 - 0.5) / (4096 - 256)
 _SHIFT_B = 0.5 - 256 * _SHIFT_A
@@ -74,6 +74,23 @@ class FlowMatching:
         """Model timestep sigma * 1000."""
         return sigma_B.float() * 1000
 
+    def noised_inputs(self, x0_BCTHW: torch.Tensor, generator: Generators) -> NoisedInputs:
+        """Draw sigma, then noise, from `generator` (or one generator per sample) and build x_sigma.
+
+        Ranks seeded alike draw identical samples.
+        """
+        b = x0_BCTHW.shape[0]
+        sigma = self.sample_sigmas(b, tuple(x0_BCTHW.shape[-2:]), generator).to(x0_BCTHW.device)
+        noise = draw(generator, b, tuple(x0_BCTHW.shape[1:])).to(x0_BCTHW.device)
+        x_t = self.noisy_input(x0_BCTHW, noise, sigma).to(x0_BCTHW.dtype)
+        return NoisedInputs(x_t, self.timesteps(sigma), self.target(x0_BCTHW, noise, sigma))
+
+    def loss(
+        self, pred: torch.Tensor, inputs: NoisedInputs, loss_mask_BTHW: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Masked MSE between the prediction and the velocity target noise - x0."""
+        return masked_mean((pred.float() - inputs.target) ** 2, loss_mask_BTHW, inputs.weight)
+
     def training_loss(
         self,
         model,
@@ -82,15 +99,7 @@ class FlowMatching:
         generator: Generators,
         loss_mask_BTHW: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Masked MSE between model(x_sigma, sigma*1000, **cond) and noise - x0.
-
-        Sigma and noise come from `generator` (or one generator per sample), so ranks seeded
-        alike draw identical samples.
-        """
-        b = x0_BCTHW.shape[0]
-        sigma = self.sample_sigmas(b, tuple(x0_BCTHW.shape[-2:]), generator).to(x0_BCTHW.device)
-        noise = draw(generator, b, tuple(x0_BCTHW.shape[1:])).to(x0_BCTHW.device)
-        x_t = self.noisy_input(x0_BCTHW, noise, sigma).to(x0_BCTHW.dtype)
-        pred = model(x_t, self.timesteps(sigma), **cond)
-        err = (pred.float() - self.target(x0_BCTHW, noise, sigma)) ** 2
-        return masked_mean(err, loss_mask_BTHW)
+        """Masked MSE between model(x_sigma, sigma*1000, **cond) and noise - x0."""
+        inputs = self.noised_inputs(x0_BCTHW, generator)
+        pred = model(inputs.x_t, inputs.timesteps, **cond)
+        return self.loss(pred, inputs, loss_mask_BTHW)

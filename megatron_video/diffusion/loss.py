@@ -1,8 +1,32 @@
-"""Loss reductions shared by the objectives."""
+"""Loss reductions and the noised model inputs shared by the objectives."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class NoisedInputs:
+    """What an objective drew for one micro-batch: the model's inputs and what its output is scored against.
+
+    `objective.noised_inputs(x0, generator)` makes it; `objective.loss(model(x_t, timesteps, **cond),
+    inputs, loss_mask)` scores the prediction. A pipeline stage without the output head needs only
+    `x_t` and `timesteps`.
+    """
+
+    x_t: torch.Tensor
+    """Noisy latents [B, C, T, H, W] in the dtype of x0: the model input."""
+
+    timesteps: torch.Tensor
+    """Model timesteps [B] (float) on x0's device."""
+
+    target: torch.Tensor
+    """Regression target [B, C, T, H, W] in fp32."""
+
+    weight: torch.Tensor | None = None
+    """Per-sample loss weight [B] (fp32), or None for uniform weighting."""
 
 
 def masked_mean(

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_video.data.i2v_masks import add_inference_condition_noise, compress_mask, inference_condition
 from megatron_video.diffusion import ddpm_sample, euler_flow_sample, flow_sigmas, guided_velocity
+from megatron_video.parallel.plan import ParallelPlan
 
 DEFAULT_NEGATIVE_PROMPT = (
     "blurry, low quality, low resolution, distorted, deformed, watermark, text, static, jittery motion"
@@ -117,8 +118,8 @@ class InferenceGroups:
         return list(range(self.prompt_group, num_prompts, self.num_prompt_groups))
 
 
-def build_inference_groups(cfg_parallel: bool) -> InferenceGroups:
-    """Groups for the data-parallel replicas megatron's parallel_state was initialised with.
+def build_inference_groups(plan: ParallelPlan, cfg_parallel: bool) -> InferenceGroups:
+    """Groups for the data-parallel replicas of `plan`.
 
     Collective: every rank calls it. With `cfg_parallel` the data-parallel size must be even;
     consecutive data-parallel ranks (2g, 2g + 1) form pair g.
@@ -127,11 +128,8 @@ def build_inference_groups(cfg_parallel: bool) -> InferenceGroups:
         if cfg_parallel:
             raise ValueError("CFG-parallel needs two data-parallel replicas; launch at least 2 processes")
         return InferenceGroups()
-    from megatron.core import parallel_state as ps
-
-    dp_group = ps.get_data_parallel_group()
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    model_parallel_main = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    dp_group, dp_rank, dp_size = plan.dp_group, plan.dp_rank, plan.dp_size
+    model_parallel_main = plan.tp_rank == 0 and plan.cp_rank == 0
     if not cfg_parallel:
         return InferenceGroups(dp_rank, dp_size, 0, None, model_parallel_main)
     if dp_size % 2:

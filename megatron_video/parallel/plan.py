@@ -19,7 +19,6 @@ Model code receives a `ParallelPlan` and calls these functions; it never reads g
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,15 +29,48 @@ from megatron.core.tensor_parallel import mappings
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """Process groups and sizes one model replica runs with."""
+    """The parallel layout one process runs in: sizes, ranks and explicit process groups.
+
+    Built once per stage by `megatron_video.parallel.setup.build_parallel_plan` (the one reader of
+    Megatron's global `parallel_state`) and handed to the model, the trainer, checkpointing and
+    sampling. The defaults describe a single process.
+    """
 
     tp_size: int = 1
+    """Tensor-parallel ranks (`parallel.tensor_parallel`)."""
+
     tp_rank: int = 0
     cp_size: int = 1
+    """Ulysses context-parallel ranks (`parallel.context_parallel`)."""
+
     cp_rank: int = 0
+    pp_size: int = 1
+    """Pipeline stages (`parallel.pipeline_parallel`)."""
+
+    pp_rank: int = 0
+    vpp_size: int | None = None
+    """Model chunks per pipeline stage under the interleaved schedule (`parallel.virtual_pipeline`)."""
+
+    dp_size: int = 1
+    """Data-parallel replicas (the world divided by tp x cp x pp)."""
+
+    dp_rank: int = 0
     sequence_parallel: bool = False
     tp_group: Any = None
     cp_group: Any = None
+    pp_group: Any = None
+    dp_group: Any = None
+    """Replicas of this rank's model shard (same tp, cp and pp rank)."""
+
+    dp_cp_group: Any = None
+    """Data x context parallel: the group gradients are averaged over."""
+
+    tp_cp_group: Any = None
+    """Tensor x context parallel: the ranks of one replica stage that read the same batches."""
+
+    groups: Any = None
+    """Megatron's `ProcessGroupCollection` holding the same groups, for Megatron APIs that take one."""
+
     linear_config: Any = None
     """Megatron ModelParallelConfig for the tensor-parallel linears (carries sequence_parallel)."""
 
@@ -51,24 +83,17 @@ class ParallelPlan:
         """Ranks the token sequence of one CP shard is split over (TP under sequence parallel)."""
         return self.tp_size if self.sequence_parallel else 1
 
-    @classmethod
-    def from_parallel_state(cls, linear_config: Any) -> ParallelPlan:
-        """Plan for the groups megatron's parallel_state was initialised with."""
-        from megatron.core import parallel_state as ps
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last pipeline stage of this rank's pipeline."""
+        if self.pp_group is None:
+            return dist.get_rank() if dist.is_initialized() else 0
+        return dist.get_process_group_ranks(self.pp_group)[-1]
 
-        return cls(
-            tp_size=ps.get_tensor_model_parallel_world_size(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            cp_size=ps.get_context_parallel_world_size(),
-            cp_rank=ps.get_context_parallel_rank(),
-            sequence_parallel=bool(linear_config.sequence_parallel),
-            tp_group=ps.get_tensor_model_parallel_group(),
-            cp_group=ps.get_context_parallel_group(),
-            linear_config=linear_config,
-            conditioning_config=dataclasses.replace(
-                linear_config, sequence_parallel=False, params_dtype=torch.float32
-            ),
-        )
+    @property
+    def is_pp_last(self) -> bool:
+        """Whether this rank holds the last pipeline stage (the output head and the loss)."""
+        return self.pp_rank == self.pp_size - 1
 
 
 # ---------------------------------------------------------------------------------------------

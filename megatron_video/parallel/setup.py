@@ -1,16 +1,29 @@
-"""Megatron process groups and the one place our config becomes a Megatron TransformerConfig."""
+"""Megatron process groups, the ParallelPlan built from them, and the one place our config becomes a
+Megatron TransformerConfig.
+
+`parallel.*` of the config is read here only: `setup_parallel` creates Megatron's groups for the
+layout and returns the `ParallelPlan` (sizes, ranks, explicit groups, the TransformerConfig for the
+linears) that models, trainer, checkpoints and sampling receive. This is the only module that reads
+Megatron's global `parallel_state`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_video.config.schema import ExperimentConfig
 from megatron_video.errors import ConfigError
 from megatron_video.parallel.plan import ParallelPlan
+from megatron_video.platform.launch import Runtime, seed_everything
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_transformer_config(
@@ -21,7 +34,7 @@ def build_transformer_config(
     Precision: `params_dtype` (runtime.dtype) is the dtype of the tensor-parallel linears; the
     residual stream, norms, AdaLN and the timestep embedding stay fp32 (models/common/layers.py), so
     what crosses a pipeline stage boundary is fp32 (`pipeline_dtype`) in every run. fp16 is refused:
-    it needs loss scaling, which the training loop does not do.
+    it needs loss scaling, which the training loop does not do (`ExperimentConfig.validate` refuses it).
 
     Pipeline settings (PP > 1, see megatron_video/parallel/pipeline.py): stages exchange one packed
     tensor whose length depends on the boundary (variable_seq_lengths); under virtual pipelining the
@@ -30,11 +43,6 @@ def build_transformer_config(
     embedder is replicated on every chunk, so its gradients are summed over the pipeline group.
     """
     m, p, r = cfg.model, cfg.parallel, cfg.runtime
-    if r.dtype == "fp16":
-        raise ConfigError(
-            "runtime.dtype=fp16 needs dynamic loss scaling, which the training loop does not do; "
-            "use runtime.dtype=bf16 (or fp32)"
-        )
     dtype = _DTYPES[r.dtype]
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
@@ -88,6 +96,70 @@ def initialize_model_parallel(cfg: ExperimentConfig) -> None:
     )
 
 
+def _rank_and_size(group) -> tuple[int, int]:
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def build_parallel_plan(cfg: ExperimentConfig) -> ParallelPlan:
     """ParallelPlan over the initialised megatron groups, with the TransformerConfig for linears."""
-    return ParallelPlan.from_parallel_state(build_transformer_config(cfg))
+    linear_config = build_transformer_config(cfg)
+    groups = ProcessGroupCollection.use_mpu_process_groups(
+        required_pgs=["tp", "cp", "pp", "dp", "dp_cp", "tp_cp"]
+    )
+    tp_rank, tp_size = _rank_and_size(groups.tp)
+    cp_rank, cp_size = _rank_and_size(groups.cp)
+    pp_rank, pp_size = _rank_and_size(groups.pp)
+    dp_rank, dp_size = _rank_and_size(groups.dp)
+    return ParallelPlan(
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        cp_size=cp_size,
+        cp_rank=cp_rank,
+        pp_size=pp_size,
+        pp_rank=pp_rank,
+        vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        sequence_parallel=bool(linear_config.sequence_parallel),
+        tp_group=groups.tp,
+        cp_group=groups.cp,
+        pp_group=groups.pp,
+        dp_group=groups.dp,
+        dp_cp_group=groups.dp_cp,
+        tp_cp_group=groups.tp_cp,
+        groups=groups,
+        linear_config=linear_config,
+        conditioning_config=dataclasses.replace(
+            linear_config, sequence_parallel=False, params_dtype=torch.float32
+        ),
+    )
+
+
+def setup_parallel(cfg: ExperimentConfig, runtime: Runtime) -> Runtime:
+    """(Re)build megatron's groups for this stage's layout, seed every generator, and set
+    `runtime.plan`.
+
+    Seeds: Python, NumPy and torch with `training.seed + 100 x pipeline rank`, and Megatron's
+    tensor-parallel RNG tracker from the same value.
+    """
+    p = cfg.parallel
+    if runtime.world_size % p.model_parallel_size != 0:
+        raise ConfigError(
+            f"{runtime.world_size} processes cannot hold tensor x context x pipeline = {p.model_parallel_size} "
+            "model-parallel ranks; change the parallel sizes or the number of processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    initialize_model_parallel(cfg)
+    plan = build_parallel_plan(cfg)
+    seed = cfg.training.seed + 100 * plan.pp_rank
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
+    runtime.plan = plan
+    return runtime
+
+
+def end_parallel() -> None:
+    """Destroy megatron's groups (the default process group stays)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

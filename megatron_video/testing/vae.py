@@ -7,8 +7,10 @@ import math
 import torch
 from torch import nn
 
-from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
-from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+from megatron_video.models.causal_vae.config import CausalVAEConfig
+from megatron_video.models.causal_vae.model import CausalVAE
+from megatron_video.models.wfvae.config import WFVAEConfig
+from megatron_video.models.wfvae.model import WFVAE
 
 
 def randomize_vae(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

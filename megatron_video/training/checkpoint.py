@@ -60,10 +60,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pickle
-import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -71,15 +68,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_video.parallel.plan import ParallelPlan
+from megatron_video.training.checkpoint_files import (
+    META_FILE,
+    TMP_MARKER,
+    iteration_dir_name,
+    latest_checkpoint,
+    prune_checkpoints,
+    publish_checkpoint,
+    remove_stale_temporaries,
+)
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.rng import capture_rng_state, reseed_rng, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron_video.checkpoint/1"
-META_FILE = "checkpoint_meta.json"
-LATEST_FILE = "latest"
-TMP_MARKER = ".tmp-"
 EMA_PREFIX = "ema."
 
 DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
@@ -90,130 +94,12 @@ non-memory-efficient variant), so every rank briefly holds its model-parallel sh
 MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
 """Model config fields that do not change the saved tensors; every other field must match."""
 
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that cannot be loaded into the current model or optimizer; names what differs."""
 
 
-# -- 1. Files: names, the latest pointer, publishing, pruning (rank 0 only, no torch.distributed) ---
-
-
-def iteration_dir_name(iteration: int) -> str:
-    """'iter_0000100' for iteration 100."""
-    if iteration < 0:
-        raise ValueError(f"iteration must be >= 0, got {iteration}")
-    return f"iter_{iteration:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def complete_checkpoints(save_dir: str | Path) -> dict[int, Path]:
-    """Published checkpoints under save_dir by iteration (temp directories excluded)."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return {}
-    found = {}
-    for entry in save_dir.iterdir():
-        match = _ITER_DIR.match(entry.name)
-        if match and (entry / META_FILE).is_file():
-            found[int(match.group(1))] = entry
-    return found
-
-
-def _read_latest(save_dir: Path) -> int | None:
-    try:
-        return int((save_dir / LATEST_FILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def write_latest(save_dir: str | Path, iteration: int) -> None:
-    """Atomically point save_dir/latest at `iteration` (temp file, fsync, os.replace)."""
-    save_dir = Path(save_dir)
-    tmp = save_dir / f"{LATEST_FILE}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, save_dir / LATEST_FILE)
-    _fsync_dir(save_dir)
-
-
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names; if that is missing, the newest complete one; None if none."""
-    save_dir = Path(save_dir)
-    complete = complete_checkpoints(save_dir)
-    iteration = _read_latest(save_dir)
-    if iteration is not None and iteration in complete:
-        return complete[iteration]
-    if not complete:
-        return None
-    newest = max(complete)
-    if iteration is not None:
-        logger.warning(
-            "%s names iteration %d, which is not a complete checkpoint; using iteration %d",
-            save_dir / LATEST_FILE,
-            iteration,
-            newest,
-        )
-    return complete[newest]
-
-
-def publish_checkpoint(save_dir: str | Path, tmp_dir: str | Path, iteration: int) -> Path:
-    """Rename a fully written temp directory to iter_<iteration> and point `latest` at it."""
-    save_dir, tmp_dir = Path(save_dir), Path(tmp_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    if final.exists():
-        # Saving an iteration again: move the old copy aside (a temp name), then swap in the new one.
-        os.rename(final, save_dir / f"{final.name}{TMP_MARKER}replaced-{uuid.uuid4().hex[:8]}")
-    os.rename(tmp_dir, final)
-    _fsync_dir(save_dir)
-    write_latest(save_dir, iteration)
-    return final
-
-
-def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
-    """Delete temp directories and files left by interrupted saves; return what was removed."""
-    removed = []
-    for entry in Path(save_dir).iterdir():
-        if TMP_MARKER not in entry.name:
-            continue
-        if not (entry.name.startswith("iter_") or entry.name.startswith(LATEST_FILE)):
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[int]:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    save_dir = Path(save_dir)
-    complete = complete_checkpoints(save_dir)
-    keep = set(sorted(complete)[-keep_last:])
-    latest = _read_latest(save_dir)
-    if latest is not None:
-        keep.add(latest)
-    pruned = []
-    for iteration in sorted(set(complete) - keep):
-        # Rename first, so that a crash mid-delete leaves only a temp directory behind.
-        doomed = save_dir / f"{complete[iteration].name}{TMP_MARKER}pruned-{uuid.uuid4().hex[:8]}"
-        os.rename(complete[iteration], doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        pruned.append(iteration)
-    return pruned
+# -- 1. Files: names, `latest`, publishing and pruning are in checkpoint_files.py ----------------
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict:
@@ -272,19 +158,22 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def current_layout() -> dict[str, Any]:
-    """Parallel sizes of this run (megatron's parallel state must be initialised)."""
-    from megatron.core import parallel_state as ps
-
+def current_layout(plan: ParallelPlan) -> dict[str, Any]:
+    """Parallel sizes of the run `plan` describes."""
     return {
         "world_size": dist.get_world_size(),
-        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size(),
-        "context_parallel": ps.get_context_parallel_world_size(),
-        "data_parallel": ps.get_data_parallel_world_size(),
-        "expert_parallel": ps.get_expert_model_parallel_world_size(),
+        "tensor_parallel": plan.tp_size,
+        "pipeline_parallel": plan.pp_size,
+        "virtual_pipeline": plan.vpp_size,
+        "context_parallel": plan.cp_size,
+        "data_parallel": plan.dp_size,
+        "expert_parallel": 1,
     }
+
+
+def model_plan(model_chunks: list) -> ParallelPlan:
+    """The ParallelPlan the model chunks were built with."""
+    return _unwrap(model_chunks[0]).plan
 
 
 def _describe_model(model_chunks: list) -> dict[str, Any]:
@@ -712,7 +601,7 @@ def save_checkpoint(
         meta = {
             "format": FORMAT,
             "iteration": iteration,
-            "layout": current_layout(),
+            "layout": current_layout(model_plan(model_chunks)),
             "optimizer": _describe_optimizer(optimizer),
             "model": _describe_model(model_chunks),
             "has_ema": ema is not None,
@@ -805,7 +694,7 @@ def load_checkpoint(
     changed and the streams were reseeded from (seed, iteration, data-parallel rank, pipeline
     rank) instead ("rng_reseeded_from" then holds seed and iteration).
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = _resolve(load_dir, iteration)
@@ -815,7 +704,8 @@ def load_checkpoint(
     wanted_optimizer = optimizer if load_optimizer else None
     _check_compatible(meta, model_chunks, wanted_optimizer, ema, strict)
     load_ema = ema is not None and meta["has_ema"]
-    same_layout = meta["layout"] == current_layout()
+    plan = model_plan(model_chunks)
+    same_layout = meta["layout"] == current_layout(plan)
 
     conversion = None
     if wanted_optimizer is not None:
@@ -870,12 +760,7 @@ def load_checkpoint(
         train_state["rng_restored"] = True
     else:
         seed, saved_iteration = _reseed_seed(train_state), meta["iteration"]
-        reseed_rng(
-            seed,
-            saved_iteration,
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-        )
+        reseed_rng(seed, saved_iteration, plan.dp_rank, plan.pp_rank)
         train_state["rng_restored"] = False
         train_state["rng_reseeded_from"] = {"seed": seed, "iteration": saved_iteration}
         if dist.get_rank() == 0:
@@ -883,6 +768,6 @@ def load_checkpoint(
                 "checkpoint %s was saved with layout %s, this run is %s: random streams reseeded",
                 path,
                 meta["layout"],
-                current_layout(),
+                current_layout(plan),
             )
     return train_state

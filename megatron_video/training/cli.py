@@ -1,13 +1,47 @@
-"""Command line shared by pretrain_t2v.py and pretrain_i2v.py."""
+"""Command lines of the entry scripts: pretrain_t2v.py and pretrain_i2v.py (`main`), pretrain_vae.py
+(`vae_main`). Each parses a config path and dotted overrides, validates before any process group
+starts, and exits with code 2 and the message on a ConfigError (`run_entry_point`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
+
+
+def _config_arguments(
+    parser: argparse.ArgumentParser, what: str, example: str, optional: bool = False
+) -> None:
+    """The positional config YAML and its dotted overrides."""
+    parser.add_argument(
+        "config", nargs="?" if optional else None, help=f"{what} YAML (inherits with `base:`)"
+    )
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+
+
+def run_entry_point(body: Callable[[], None]) -> int:
+    """Run an entry script's body; return its exit code: 0, or 2 after printing a ConfigError.
+
+    A default process group the body started is destroyed at the end; a caller's (notebook, test)
+    is left alone.
+    """
+    from megatron_video.errors import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    caller_group = dist.is_initialized()
+    try:
+        body()
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized() and not caller_group:
+            dist.destroy_process_group()
+    return 0
 
 
 def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -15,10 +49,7 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
         prog=f"pretrain_{task}.py",
         description=f"Train the SUV denoiser ({task.upper()}) on Megatron core. Launch with torchrun or msrun.",
     )
-    parser.add_argument("config", nargs="?", help="stage config YAML (inherits with `base:`)")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. training.steps=100 parallel.tensor_parallel=2"
-    )
+    _config_arguments(parser, "stage config", "training.steps=100 parallel.tensor_parallel=2", optional=True)
     parser.add_argument("--curriculum", help="curriculum YAML listing stages to run in order")
     parser.add_argument(
         "--stage-dir", default=None, help="output folder of a single stage (default outputs/<config name>)"
@@ -65,14 +96,12 @@ def check_inputs(cfg, produced: tuple[Path, ...] = ()) -> None:
 
 def main(task: str, argv: list[str] | None = None) -> int:
     """Validate every config first, then train (a stage or a curriculum)."""
-    from megatron_video.config import load_config
-    from megatron_video.errors import ConfigError
-    from megatron_video.training.stage import run_curriculum, run_stage, stage_configs
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(task, argv)
-    caller_group = dist.is_initialized()  # a notebook's or test's group is the caller's to end
-    try:
+
+    def body() -> None:
+        from megatron_video.config import load_config
+        from megatron_video.training.stage import run_curriculum, run_stage, stage_configs
+
         if args.curriculum:
             overrides = [args.config, *args.overrides] if args.config else args.overrides
             produced: tuple[Path, ...] = ()
@@ -84,10 +113,27 @@ def main(task: str, argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             check_inputs(cfg)
             run_stage(cfg, task, args.stage_dir or Path("outputs") / Path(args.config).stem)
-    except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized() and not caller_group:
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry_point(body)
+
+
+def vae_main(argv: list[str] | None = None) -> int:
+    """pretrain_vae.py: validate the config, join the launcher's process group, train the WF-VAE."""
+    parser = argparse.ArgumentParser(
+        prog="pretrain_vae.py",
+        description="Train a WF-VAE (L1 + KL + wavelet + 3D PatchGAN) with data parallelism. "
+        "Launch with torchrun or msrun.",
+    )
+    _config_arguments(parser, "VAE training config", "steps=200 optim.lr=1e-4 output_dir=outputs/vae")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        from megatron_video.config.vae_training import load_vae_train_config
+
+        cfg = load_vae_train_config(args.config, args.overrides)  # before the heavy imports below
+        from megatron_video.platform.launch import init_distributed
+        from megatron_video.training.vae_trainer import run_training
+
+        run_training(cfg, init_distributed(cfg.runtime).device)
+
+    return run_entry_point(body)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -34,9 +33,11 @@ from megatron.core.utils import get_attr_wrapped_model
 from torch import nn
 
 from megatron_video.config.schema import ExperimentConfig
+from megatron_video.data.batches import BatchSource, TrainBatch, step_generators
 from megatron_video.diffusion import DDPMObjective, FlowMatching
 from megatron_video.models.suv.model import SUVModel
 from megatron_video.parallel.pipeline import run_pipeline_schedule
+from megatron_video.platform.launch import Runtime
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.grad_clip import BatchDropClip, build_clipper
 from megatron_video.training.optim import (
@@ -46,31 +47,6 @@ from megatron_video.training.optim import (
     scale_local_grads,
     uses_distributed_optimizer,
 )
-from megatron_video.training.runtime import Runtime, sample_generators
-
-
-@dataclass
-class TrainBatch:
-    """One micro-batch ready for the objective."""
-
-    x0_BCTHW: torch.Tensor
-    """Clean (normalised) latents."""
-
-    cond: dict[str, torch.Tensor]
-    """Model keyword inputs besides the noisy latents and timesteps."""
-
-    loss_mask_BTHW: torch.Tensor | None = None
-    """Latent positions that count in the loss (None: all)."""
-
-
-class BatchSource(Protocol):
-    """Yields this data-parallel rank's micro-batches and can resume its position."""
-
-    def next_batch(self) -> TrainBatch: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def build_objective(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
@@ -101,29 +77,14 @@ def wrap_ddp(model: torch.nn.Module, plan, distributed_optimizer: bool) -> Distr
     )
 
 
-class _ChunkOutput(Exception):
-    """Ends the objective at its model call on a pipeline chunk that does not hold the output head."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-
 def hidden_states_for_next_stage(objective, chunk, batch: TrainBatch, generators) -> torch.Tensor:
-    """Run `objective.training_loss` up to its model call and return the chunk's output.
+    """The chunk's output (packed hidden states) on a pipeline stage that does not hold the output head.
 
-    The objective draws sigma and noise and builds the noisy input exactly as on the last stage;
-    the chunk's output (packed hidden states) is what the schedule sends on.
+    The objective draws sigma (or timesteps) and noise and builds the noisy input exactly as on the
+    last stage; the chunk's output is what the schedule sends on.
     """
-
-    def call(*args, **kwargs):
-        raise _ChunkOutput(chunk(*args, **kwargs))
-
-    try:
-        objective.training_loss(call, batch.x0_BCTHW, batch.cond, generators, batch.loss_mask_BTHW)
-    except _ChunkOutput as out:
-        return out.hidden
-    raise RuntimeError(f"{type(objective).__name__}.training_loss never called the model")
+    inputs = objective.noised_inputs(batch.x0_BCTHW, generators)
+    return chunk(inputs.x_t, inputs.timesteps, **batch.cond)
 
 
 class UniqueParameters(nn.Module):
@@ -223,12 +184,8 @@ class Trainer:
         self.consumed_samples += t.global_batch_size
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
         if rt.pp_size > 1:  # only the last stage computed the loss
-            dist.broadcast(
-                loss,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            dist.broadcast(loss, src=rt.plan.pp_last_rank, group=rt.plan.pp_group)
+        dist.all_reduce(loss, group=rt.plan.dp_group)
         return {
             "loss": loss.item() / rt.dp_size,
             "grad_norm": result.grad_norm,
@@ -241,7 +198,7 @@ class Trainer:
         """Per-sample generators of micro-batch `micro`, keyed by position in the global batch."""
         t = self.cfg.training
         first = (self.runtime.dp_rank * self.accumulation + micro) * t.micro_batch_size
-        return sample_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
+        return step_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
 
     def _pipeline_micro_batches(self, source: BatchSource) -> list[torch.Tensor]:
         """Forward and backward of every micro-batch through the pipeline schedule.
@@ -278,7 +235,7 @@ class Trainer:
 
     def _drop_abnormal_ranks(self) -> None:
         """v1.3 batch dropping: weigh each DP rank's local gradient before the reduction."""
-        group = parallel_state.get_data_parallel_group()
+        group = self.runtime.plan.dp_group
         norm = torch.tensor([local_grad_norm(self.model_chunks)], dtype=torch.float64)
         norms = [torch.zeros_like(norm) for _ in range(dist.get_world_size(group))]
         dist.all_gather(norms, norm, group=group)

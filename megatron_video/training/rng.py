@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_video.platform.launch import seed_everything
+
 
 def _has_device_rng() -> bool:
     """Whether megatron's device-RNG helpers work here (CUDA, or the CPU adaptation is applied)."""
@@ -81,10 +83,7 @@ def reseed_rng(seed: int, iteration: int, data_parallel_rank: int, pipeline_rank
     megatron's tracker is seeded as `model_parallel_cuda_manual_seed` does (one seed per pipeline
     stage, offset by the tensor-parallel rank inside the tracker).
     """
-    stream = derived_seed(seed, iteration, pipeline_rank, data_parallel_rank)
-    random.seed(stream)
-    np.random.seed(stream % 2**32)
-    torch.manual_seed(stream)
+    seed_everything(derived_seed(seed, iteration, pipeline_rank, data_parallel_rank))
     if _has_device_rng():
         from megatron.core import tensor_parallel
 

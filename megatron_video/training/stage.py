@@ -30,7 +30,11 @@ from megatron_video.errors import ConfigError
 from megatron_video.models.suv.config import SUVConfig
 from megatron_video.models.suv.model import SUVModel
 from megatron_video.models.suv.state_dict_adapter import convert_dense_to_suv
+from megatron_video.parallel.plan import ParallelPlan
+from megatron_video.parallel.setup import setup_parallel
+from megatron_video.platform.launch import Runtime, init_distributed
 from megatron_video.training import checkpoint as ckpt
+from megatron_video.training.checkpoint_files import latest_checkpoint
 from megatron_video.training.export import (
     gather_full_state_dict,
     load_flat,
@@ -40,7 +44,6 @@ from megatron_video.training.export import (
 )
 from megatron_video.training.loop import StopSignal, Trainer
 from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
-from megatron_video.training.runtime import Runtime, init_distributed, setup_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +54,16 @@ logger = logging.getLogger(__name__)
 def build_vae(section: VAESection, device: torch.device):
     """The frozen VAE with its weights (eval, no gradients)."""
     if section.kind == "causal_vae":
-        from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
+        from megatron_video.models.causal_vae.model import CausalVAE
         from megatron_video.models.causal_vae.state_dict_adapter import load_open_sora_plan as load_osp
 
-        cfg = CausalVAEConfig.from_flavor(section.flavor)
+        cfg = section.model_config()
         vae = CausalVAE(cfg)
     else:
-        from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+        from megatron_video.models.wfvae.model import WFVAE
         from megatron_video.models.wfvae.state_dict_adapter import load_open_sora_plan as load_osp
 
-        cfg = WFVAEConfig.from_flavor(section.flavor, chunked=section.chunked)
+        cfg = section.model_config()
         vae = WFVAE(cfg)
     if section.checkpoint:
         path = Path(section.checkpoint)
@@ -93,9 +96,7 @@ def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVMod
     when pipeline_parallel > 1."""
     mask_channels = None
     if task == "i2v":
-        from megatron_video.config.schema import vae_strides
-
-        mask_channels = vae_strides(cfg.vae)[0]
+        mask_channels = cfg.vae.strides[0]
 
     def make(blocks: range | None = None) -> SUVModel:
         model = SUVModel(
@@ -179,20 +180,20 @@ def run_stage(
     """Train one stage into `stage_dir` (checkpoints/, tensorboard/, final_*.safetensors)."""
     stage_dir = Path(stage_dir)
     if cfg.features.cache_dir and task == "i2v":
-        from megatron_video.data.feature_cache import I2V_UNSUPPORTED
+        from megatron_video.data.feature_cache.format import I2V_UNSUPPORTED
 
         raise ConfigError(I2V_UNSUPPORTED)
     t = cfg.training
     t.checkpoint.save_dir = t.checkpoint.save_dir or str(stage_dir / "checkpoints")
     t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
     t.logging.loss_curve_png = t.logging.loss_curve_png or str(stage_dir / "loss_curve.png")
-    runtime = setup_parallel(cfg, runtime or init_distributed(cfg))
+    runtime = setup_parallel(cfg, runtime or init_distributed(cfg.runtime))
     cfg.micro_batches_per_step(runtime.dp_size)  # the world size is known only now
     torch.manual_seed(t.seed)
 
     model = build_denoiser(cfg, runtime, task)
     resume_dir = t.checkpoint.load_dir or t.checkpoint.save_dir
-    has_checkpoint = ckpt.latest_checkpoint(resume_dir) is not None
+    has_checkpoint = latest_checkpoint(resume_dir) is not None
     if t.checkpoint.init_from and not has_checkpoint:
         initialize_from(model, runtime, cfg, t.checkpoint.init_from)
     trainer = Trainer(cfg, runtime, model)
@@ -236,50 +237,43 @@ def run_stage(
 def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
     """The stage's BatchSource: the feature cache when features.cache_dir is set, else online encoding."""
     if cfg.features.cache_dir:
-        from megatron_video.data.feature_cache import CachedBatches, CachedFeatureDataset
+        from megatron_video.data.feature_cache.read import CachedBatches, CachedFeatureDataset
 
         dataset = CachedFeatureDataset.from_config(cfg.features.cache_dir, cfg, cfg.features)
         return CachedBatches(cfg, dataset, runtime.dp_rank, runtime.dp_size, task, device=runtime.device)
+    from megatron_video.data.batches import EncodedBatches
     from megatron_video.data.dataset import VideoTextDataset
-    from megatron_video.training.batches import EncodedBatches
 
     torch.manual_seed(cfg.training.seed)  # a random-init VAE (tests) is then the same in every layout
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
     return EncodedBatches(
         cfg,
-        VideoTextDataset(cfg.data),
+        VideoTextDataset(cfg.data, cfg.sample_geometry),
         vae,
         text,
         runtime.dp_rank,
         runtime.dp_size,
         task,
         device=runtime.device,
-        encoder_group=encoder_group(cfg),
+        encoder_group=encoder_group(cfg, runtime.plan),
     )
 
 
-def encoder_group(cfg: ExperimentConfig):
+def encoder_group(cfg: ExperimentConfig, plan: ParallelPlan):
     """The TP x CP group that shares encoding work, or None when encoder data parallel is off."""
-    p = cfg.parallel
-    if not cfg.training.encoder_data_parallel or p.tensor_parallel * p.context_parallel == 1:
+    if not cfg.training.encoder_data_parallel or plan.tp_size * plan.cp_size == 1:
         return None
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_and_context_parallel_group()
+    return plan.tp_cp_group
 
 
 def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
     """(video tokens, model FLOPs) of one global batch at the configured largest shape."""
     s, m = cfg.shape, cfg.model
-    lat_t = s.latent_frames
-    n = lat_t * (s.height // s.vae_stride_hw // m.patch_size) * (s.width // s.vae_stride_hw // m.patch_size)
-    per_sample = model_flops_per_sample(m.total_layers, m.hidden_size, n, s.text_length, _layer_sparsity(m))
+    lat_t, lat_h, lat_w = cfg.latent_grid
+    n = lat_t * (lat_h // m.patch_size) * (lat_w // m.patch_size)
+    per_sample = model_flops_per_sample(m.total_layers, m.hidden_size, n, s.text_length, m.block_sparse_n)
     return n * cfg.training.global_batch_size, per_sample * cfg.training.global_batch_size
-
-
-def _layer_sparsity(m: SUVConfig) -> list[int]:
-    return [k for layers, k in zip(m.num_layers, m.sparse_n) for _ in range(layers)]
 
 
 def _save(trainer: Trainer, batches, runtime: Runtime, cfg: ExperimentConfig) -> None:
@@ -313,9 +307,7 @@ def _export(
             shadow = {k: v for k, v in trainer.ema.shadow.items() if k in names}
             ema.update(gather_full_state_dict(chunk, runtime.plan, shadow))
     if runtime.pp_size > 1:
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_pipeline_model_parallel_group()
+        group = runtime.plan.pp_group
         parts = [None] * runtime.pp_size
         dist.all_gather_object(parts, (raw, ema), group=group)
         raw, ema = {}, ({} if ema is not None else None)
@@ -405,7 +397,7 @@ def run_curriculum(path: str | Path, extra_overrides: list[str] | None = None) -
             results.append(StageResult(stage_dir, done, stage_dir / "final_ema.safetensors"))
             continue
         if runtime is None:
-            runtime = init_distributed(cfg)
+            runtime = init_distributed(cfg.runtime)
         if runtime.is_main:
             print(
                 f"=== stage {spec.name} ({spec.task}): {cfg.training.steps} steps -> {stage_dir}", flush=True

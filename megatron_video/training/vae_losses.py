@@ -20,6 +20,8 @@ so it weighs C*H*W times a pixel's L1, exactly as in the original.
 The wavelet term needs the level-1 / level-2 Haar coefficients the encoder sees and the ones the
 decoder predicts. `WaveletTaps` records them with forward hooks on the WF-VAE's modules (the
 Open-Sora-Plan copy never returns them, so its `--wavelet_loss` does nothing; here it is wired).
+
+The settings (`VAELossConfig`, `DiscriminatorConfig`) are in `megatron_video/config/vae_training.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import importlib.util
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,111 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_video.errors import ConfigError
-
-# --------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DiscriminatorConfig:
-    """The 3D PatchGAN discriminator."""
-
-    ndf: int = 64
-    """Width of the first conv; later convs use 2x, 4x, 8x (capped at 8x)."""
-
-    n_layers: int = 4
-    """Strided conv blocks (the first halves T, H, W; the others H and W, the second also T)."""
-
-    norm: Literal["batch", "sync_batch", "group"] = "batch"
-    """Norm after each inner conv. "batch" (released): BatchNorm3d with per-rank batch statistics
-    (DDP broadcasts rank 0's running statistics, which only eval mode uses). "sync_batch":
-    statistics over every data-parallel rank (CUDA / NCCL only). "group": GroupNorm, independent of
-    the batch size, for micro-batches of one clip."""
-
-
-@dataclass
-class VAELossConfig:
-    """Weights and schedule of the VAE training losses."""
-
-    rec_loss: Literal["l1", "l2"] = "l1"
-    """Pixel reconstruction term: absolute (released) or squared error."""
-
-    perceptual_weight: float = 0.0
-    """Weight of LPIPS in the reconstruction term (1.0 in the released recipe). Needs
-    `lpips_backbone`; LPIPS weights are never downloaded."""
-
-    lpips_net: Literal["vgg", "alex"] = "vgg"
-    """LPIPS backbone: VGG16 (the training loss of the original) or AlexNet (its metric)."""
-
-    lpips_backbone: str | None = None
-    """Local ImageNet weights of the backbone in torchvision's layout (e.g. `vgg16-397923af.pth`,
-    `alexnet-owt-7be5be79.pth`); torchvision itself is not needed."""
-
-    lpips_heads: str | None = None
-    """LPIPS v0.1 linear heads (`vgg.pth` / `alex.pth`); None finds the copy shipped inside the
-    installed torchmetrics or lpips package."""
-
-    logvar_init: float = 0.0
-    """The fixed log-variance that divides the reconstruction term (not learned, as released)."""
-
-    kl_weight: float = 1e-6
-    """Weight of the posterior KL divergence."""
-
-    wavelet_weight: float = 0.1
-    """Weight of the wavelet-coefficient L1 (0.1 in the training script; 0 turns it off)."""
-
-    disc_start: int | None = 5
-    """Iteration (0-based) from which the GAN term and discriminator updates start; None trains
-    without a discriminator."""
-
-    disc_factor: float = 1.0
-    """Multiplier of both GAN losses once they have started."""
-
-    disc_weight: float = 0.5
-    """Scale of the adaptive generator weight."""
-
-    disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    """Discriminator objective: hinge (released) or softplus ("vanilla")."""
-
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    """The discriminator network."""
-
-    @property
-    def gan_enabled(self) -> bool:
-        """Whether a discriminator is built and trained at some point."""
-        return self.disc_start is not None and self.disc_factor > 0
-
-    def validate(self, device_type: str | None = None) -> None:
-        """Raise ConfigError naming the field; `device_type` ("cuda", "cpu", ...) checks sync_batch."""
-        for name in ("perceptual_weight", "kl_weight", "wavelet_weight", "disc_factor", "disc_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if self.disc_start is not None and self.disc_start < 0:
-            raise ConfigError(f"loss.disc_start must be >= 0 or null (no GAN), got {self.disc_start}")
-        d = self.discriminator
-        if d.ndf < 1 or d.n_layers < 1:
-            raise ConfigError(
-                f"loss.discriminator.ndf and n_layers must be >= 1, got {d.ndf} and {d.n_layers}"
-            )
-        if self.gan_enabled and d.norm == "sync_batch" and device_type not in (None, "cuda"):
-            raise ConfigError(
-                f"loss.discriminator.norm=sync_batch needs CUDA (torch SyncBatchNorm), but this run uses "
-                f"{device_type}; use norm=batch (per-rank statistics) or norm=group"
-            )
-        if self.perceptual_weight > 0:
-            if not self.lpips_backbone:
-                raise ConfigError(
-                    "loss.perceptual_weight > 0 needs loss.lpips_backbone: a local torchvision "
-                    f"{'vgg16' if self.lpips_net == 'vgg' else 'alexnet'} state dict (nothing is "
-                    "downloaded); or set loss.perceptual_weight=0"
-                )
-            if not Path(self.lpips_backbone).is_file():
-                raise ConfigError(f"loss.lpips_backbone: no file at {self.lpips_backbone}")
-            if self.lpips_heads is not None and not Path(self.lpips_heads).is_file():
-                raise ConfigError(f"loss.lpips_heads: no file at {self.lpips_heads}")
-
+from megatron_video.config.vae_training import DiscriminatorConfig, VAELossConfig
 
 # --------------------------------------------------------------------------------------------------
 # Loss terms

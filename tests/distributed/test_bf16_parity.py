@@ -57,7 +57,7 @@ class _FixedBatches:
         self.step = self.micro = 0
 
     def next_batch(self):
-        from megatron_video.training.loop import TrainBatch
+        from megatron_video.data.batches import TrainBatch
 
         m = self.cfg.model
         pos = self.dp_rank * self.accumulation + self.micro
@@ -123,8 +123,9 @@ def _run(cfg, runtime, state) -> dict:
 
 
 def _worker(rank, world_size, state):
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import Runtime
     from megatron_video.platform.megatron_cpu import apply_megatron_cpu_adaptation
-    from megatron_video.training.runtime import Runtime, setup_parallel
 
     apply_megatron_cpu_adaptation()
     results = []
@@ -143,7 +144,7 @@ def _worker(rank, world_size, state):
 
 def _reference(dtype: str, state: dict) -> dict:
     from megatron_video.parallel.setup import build_parallel_plan
-    from megatron_video.training.runtime import Runtime
+    from megatron_video.platform.launch import Runtime
 
     cfg = _config(dtype)
     return _run(cfg, Runtime(torch.device("cpu"), 0, 1, 0, plan=build_parallel_plan(cfg)), state)

@@ -188,6 +188,7 @@ def _launch_train(rank, world_size, dirs):
     """TP=1, DP=2: uninterrupted runs that save at SAVE_AT; a save at N_STEPS interrupted."""
     from megatron_video.testing.distributed import init_megatron_parallel
     from megatron_video.training import checkpoint
+    from megatron_video.training.checkpoint_files import latest_checkpoint
     from megatron_video.training.rng import capture_rng_state
 
     init_megatron_parallel(tp=1, seed=SEED)
@@ -220,7 +221,7 @@ def _launch_train(rank, world_size, dirs):
     finally:
         checkpoint._publish = original
     result["after_crash"] = {
-        "latest": checkpoint.latest_checkpoint(dirs["dist"]).name,
+        "latest": latest_checkpoint(dirs["dist"]).name,
         "pointer": (dirs["dist"] / "latest").read_text().strip(),
         "entries": sorted(p.name for p in dirs["dist"].iterdir()),
     }
@@ -267,6 +268,7 @@ def _launch_resume(rank, world_size, dirs):
     """TP=1, DP=2, fresh processes: exact resume, the TP=1 reference for launch 2, TP=2 -> TP=1."""
     from megatron_video.testing.distributed import init_megatron_parallel
     from megatron_video.training import checkpoint
+    from megatron_video.training.checkpoint_files import latest_checkpoint
     from megatron_video.training.rng import capture_rng_state
 
     init_megatron_parallel(tp=1, seed=SEED + 99)  # seeds differ from launch 1: the load must restore them
@@ -305,7 +307,7 @@ def _launch_resume(rank, world_size, dirs):
         dirs["dist"], N_STEPS, [ddp], optimizer, scheduler, _train_state(cfg, N_STEPS), keep_last=1
     )
     result["after_save"] = {
-        "latest": checkpoint.latest_checkpoint(dirs["dist"]).name,
+        "latest": latest_checkpoint(dirs["dist"]).name,
         "entries": sorted(p.name for p in dirs["dist"].iterdir()),
     }
     return result

@@ -70,12 +70,13 @@ def _output(model, ema=None) -> torch.Tensor:
 
 def _worker(rank: int, world: int, paths: dict) -> dict:
     from megatron_video.config import load_config
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import init_distributed
     from megatron_video.testing.models import build_model
     from megatron_video.training import checkpoint as ckpt
     from megatron_video.training.ema import ParamEMA
     from megatron_video.training.loop import Trainer, wrap_ddp
     from megatron_video.training.rng import capture_rng_state
-    from megatron_video.training.runtime import init_distributed, setup_parallel
     from megatron_video.training.stage import build_denoiser
 
     tool, config = load_tool(), paths["config"]
@@ -95,7 +96,7 @@ def _worker(rank: int, world: int, paths: dict) -> dict:
     out["rng_after_reshard"] = capture_rng_state()
     # Resuming the rewritten checkpoint at PP = 2 restores the random streams the reshard left.
     cfg = load_config(config, pp2)
-    runtime = setup_parallel(cfg, init_distributed(cfg))
+    runtime = setup_parallel(cfg, init_distributed(cfg.runtime))
     trainer = Trainer(cfg, runtime, build_denoiser(cfg, runtime, "t2v"))
     state = ckpt.load_checkpoint(
         paths["ckpt_pp2"], trainer.model_chunks, trainer.optimizer, trainer.scheduler, trainer.ema
@@ -130,11 +131,12 @@ def test_released_to_tp2_checkpoint_to_pp2_to_flat_to_released(megatron_single, 
     from megatron_video.config import load_config
     from megatron_video.errors import CheckpointMismatch
     from megatron_video.models.suv.state_dict_adapter import from_open_sora_plan
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import init_distributed
     from megatron_video.testing.models import build_model
     from megatron_video.training import checkpoint as ckpt
     from megatron_video.training.export import load_flat, load_full_into
     from megatron_video.training.loop import Trainer
-    from megatron_video.training.runtime import init_distributed, setup_parallel
     from megatron_video.training.stage import build_denoiser
 
     tool, config = load_tool(), _write_stage_config(tmp_path / "stage.yaml")
@@ -190,7 +192,7 @@ def test_released_to_tp2_checkpoint_to_pp2_to_flat_to_released(megatron_single, 
 
     # Resume the TP = 2 checkpoint at TP = 1 as a stage does: step 0, weights and EMA as released,
     # optimizer and schedule fresh (the random streams of two ranks cannot be restored on one).
-    runtime = setup_parallel(cfg, init_distributed(cfg))
+    runtime = setup_parallel(cfg, init_distributed(cfg.runtime))
     trainer = Trainer(cfg, runtime, build_denoiser(cfg, runtime, "t2v"))
     state = ckpt.load_checkpoint(
         paths["ckpt_tp2"], trainer.model_chunks, trainer.optimizer, trainer.scheduler, trainer.ema

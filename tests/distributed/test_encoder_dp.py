@@ -17,9 +17,10 @@ pytestmark = pytest.mark.distributed
 
 def _batches(rank, world_size, data_list, encoder_dp, count):
     from megatron_video.config import load_config
+    from megatron_video.data.batches import EncodedBatches
     from megatron_video.data.dataset import VideoTextDataset
-    from megatron_video.training.batches import EncodedBatches
-    from megatron_video.training.runtime import init_distributed, setup_parallel
+    from megatron_video.parallel.setup import setup_parallel
+    from megatron_video.platform.launch import init_distributed
     from megatron_video.training.stage import build_text_encoder, build_vae, encoder_group
 
     cfg = load_config(
@@ -30,19 +31,19 @@ def _batches(rank, world_size, data_list, encoder_dp, count):
             f"training.encoder_data_parallel={encoder_dp}",
         ],
     )
-    rt = setup_parallel(cfg, init_distributed(cfg))
+    rt = setup_parallel(cfg, init_distributed(cfg.runtime))
     torch.manual_seed(0)
     vae = build_vae(cfg.vae, rt.device)
     text = build_text_encoder(cfg, rt.device)
     source = EncodedBatches(
         cfg,
-        VideoTextDataset(cfg.data),
+        VideoTextDataset(cfg.data, cfg.sample_geometry),
         vae,
         text,
         rt.dp_rank,
         rt.dp_size,
         "t2v",
-        encoder_group=encoder_group(cfg),
+        encoder_group=encoder_group(cfg, rt.plan),
     )
     out = []
     for _ in range(count):

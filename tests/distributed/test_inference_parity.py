@@ -96,7 +96,7 @@ def _worker(rank, world_size, layouts, states, sc):
         )
         missing, unexpected = model.load_state_dict(shard, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing)
-        groups = build_inference_groups(layout.get("cfg_parallel", False))
+        groups = build_inference_groups(model.plan, layout.get("cfg_parallel", False))
         mine = groups.prompt_indices(len(PROMPTS))
         condition = None
         if inpaint:

@@ -46,7 +46,7 @@ class _FixedBatches:
         self.cfg, self.step, self.micro = cfg, 0, 0
 
     def next_batch(self):
-        from megatron_video.training.loop import TrainBatch
+        from megatron_video.data.batches import TrainBatch
 
         m = self.cfg.model
         g = torch.Generator().manual_seed(1000 * self.step + self.micro)
@@ -78,10 +78,11 @@ def _train(rank, world_size, state, layouts):
 
     from megatron_video.models.suv.model import SUVModel
     from megatron_video.parallel.pipeline import build_model_chunks
+    from megatron_video.parallel.setup import setup_parallel
     from megatron_video.parallel.tensor_parallel_state import partition_dims, shard_state_dict
+    from megatron_video.platform.launch import Runtime
     from megatron_video.platform.megatron_cpu import apply_megatron_cpu_adaptation
     from megatron_video.training.loop import Trainer
-    from megatron_video.training.runtime import Runtime, setup_parallel
 
     apply_megatron_cpu_adaptation()
     results = []

@@ -36,7 +36,7 @@ class _FixedBatches:
         )
 
     def next_batch(self):
-        from megatron_video.training.loop import TrainBatch
+        from megatron_video.data.batches import TrainBatch
 
         first = (self.dp_rank * self.accumulation + self.micro) * self.mbs
         parts = [self._sample(self.step, p) for p in range(first, first + self.mbs)]
@@ -54,10 +54,11 @@ class _FixedBatches:
 
 
 def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer):
+    from megatron_video.parallel.setup import setup_parallel
     from megatron_video.parallel.tensor_parallel_state import partition_dims
+    from megatron_video.platform.launch import init_distributed
     from megatron_video.testing.models import build_model
     from megatron_video.training.loop import Trainer
-    from megatron_video.training.runtime import init_distributed, setup_parallel
 
     cfg = tiny_config(caption_channels=32, pooled_projection_dim=24, timestep_embed_dim=32)
     cfg.training.global_batch_size = GLOBAL_BATCH
@@ -65,7 +66,7 @@ def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer
     cfg.training.optimizer.lr = 1e-3
     cfg.training.optimizer.distributed_optimizer = distributed_optimizer
     cfg.training.ema_decay = 0.9
-    rt = setup_parallel(cfg, init_distributed(cfg))
+    rt = setup_parallel(cfg, init_distributed(cfg.runtime))
     model = build_model(cfg)
     model.load_state_dict(state, strict=False)
     assert not partition_dims(model) or rt.plan.tp_size == 1

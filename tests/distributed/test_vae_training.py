@@ -57,12 +57,13 @@ def _train_then_resume(rank, world_size, data_txt, tmp):
     """The full run, then a fresh trainer resuming from its iteration-6 checkpoint (same group).
 
     Returns per run (rank 0's history, this rank's live state)."""
-    from megatron_video.training.vae_trainer import load_vae_train_config, run_training
+    from megatron_video.config.vae_training import load_vae_train_config
+    from megatron_video.training.vae_trainer import run_training
 
     results = []
     for name, extra in (
         ("full", []),
-        ("resumed", [f"checkpoint.load={tmp / 'full' / 'checkpoints' / f'step_{SAVE:08d}.pt'}"]),
+        ("resumed", [f"checkpoint.load={tmp / 'full' / 'checkpoints' / f'iter_{SAVE:07d}'}"]),
     ):
         cfg = load_vae_train_config(
             ROOT / "examples" / "tiny" / "vae.yaml", _overrides(data_txt, tmp / name, *extra)
@@ -74,7 +75,8 @@ def _train_then_resume(rank, world_size, data_txt, tmp):
 
 def _recon_l1(weights: dict | None, clips: torch.Tensor) -> float:
     """Mean |x - decode(mean(encode(x)))| of the tiny WF-VAE with `weights` (None: the seeded init)."""
-    from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+    from megatron_video.models.wfvae.config import WFVAEConfig
+    from megatron_video.models.wfvae.model import WFVAE
 
     torch.manual_seed(1234)  # runtime.seed: the trainer's initialisation
     vae = WFVAE(WFVAEConfig.from_flavor("tiny")).eval()
@@ -87,7 +89,7 @@ def _recon_l1(weights: dict | None, clips: torch.Tensor) -> float:
 def test_dp2_training_reduces_reconstruction_and_resume_is_exact(data_txt, tmp_path):
     from safetensors.torch import load_file
 
-    from megatron_video.training.vae_trainer import load_vae_train_config
+    from megatron_video.config.vae_training import load_vae_train_config
 
     ranks = run_distributed(_train_then_resume, 2, data_txt, tmp_path, timeout_s=400)
     (history, final_state), (r_history, r_state) = ranks[0]
@@ -95,13 +97,13 @@ def test_dp2_training_reduces_reconstruction_and_resume_is_exact(data_txt, tmp_p
     assert all("d_loss" in m for m in history if m["phase"] == "discriminator")
     assert all("d_weight" in m and "wavelet" in m for m in history[DISC_START:] if m["phase"] == "generator")
     ckpts = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
-    assert ckpts == ["step_00000006.pt", "step_00000010.pt"]
+    assert ckpts == ["iter_0000006", "iter_0000010", "latest"]
 
     # Reconstruction of the training clips improves.
     from megatron_video.data.dataset import VideoTextDataset
 
     cfg = load_vae_train_config(ROOT / "examples" / "tiny" / "vae.yaml", _overrides(data_txt, tmp_path / "x"))
-    dataset = VideoTextDataset(cfg.data)
+    dataset = VideoTextDataset(cfg.data, cfg.sample_geometry)
     clips = torch.stack([dataset.load(i)["video"] for i in range(len(dataset))])
     exported = load_file(tmp_path / "full" / "final_model.safetensors")
     before, after = _recon_l1(None, clips), _recon_l1(exported, clips)

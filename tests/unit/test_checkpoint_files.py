@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_video.training import checkpoint
-from megatron_video.training.checkpoint import (
+from megatron_video.training import checkpoint_files
+from megatron_video.training.checkpoint import read_checkpoint_metadata
+from megatron_video.training.checkpoint_files import (
     META_FILE,
     complete_checkpoints,
     iteration_dir_name,
     latest_checkpoint,
     prune_checkpoints,
     publish_checkpoint,
-    read_checkpoint_metadata,
     remove_stale_temporaries,
     write_latest,
 )
@@ -104,7 +104,7 @@ def test_write_latest_is_atomic_replace(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "replace", fail)
+    monkeypatch.setattr(checkpoint_files.os, "replace", fail)
     with pytest.raises(OSError):
         write_latest(tmp_path, 2)
     assert (tmp_path / "latest").read_text() == "1\n"  # the old pointer is intact

@@ -17,6 +17,7 @@ from megatron_video.config import (
     field_docs,
     load_config,
 )
+from megatron_video.config.encoders import VAESection
 from megatron_video.config.training import (
     CheckpointConfig,
     ClipConfig,
@@ -24,6 +25,13 @@ from megatron_video.config.training import (
     ObjectiveConfig,
     OptimizerConfig,
     TrainingConfig,
+)
+from megatron_video.data.config import (
+    DataConfig,
+    FeatureCacheConfig,
+    I2VMaskConfig,
+    SampleGeometry,
+    TextConfig,
 )
 from megatron_video.models.suv.config import SUVConfig
 
@@ -149,6 +157,12 @@ def test_cp_frames_valid_example_from_reference():
         ClipConfig,
         CheckpointConfig,
         LoggingConfig,
+        DataConfig,
+        SampleGeometry,
+        TextConfig,
+        I2VMaskConfig,
+        FeatureCacheConfig,
+        VAESection,
     ],
 )
 def test_every_field_is_documented(cls):
@@ -176,3 +190,37 @@ def test_open_sora_plan_recipe_stages_validate_for_512_devices():
     assert load_config(EXAMPLES / "opensoraplan1.5" / "image_s4.yaml", ["data.data_list=null"]).model.sparse_n == [
         1, 2, 4, 8, 4, 2, 1,
     ]  # fmt: skip
+
+
+def test_sample_geometry_is_derived_once_from_vae_parallel_and_training(tmp_path):
+    """The data pipeline gets the VAE strides, CP size and micro-batch from one computed value;
+    DataConfig holds no copy of them, and changing the source changes what the data sees."""
+    import dataclasses
+
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    assert not data_fields & {"vae_stride_t", "vae_stride_hw", "context_parallel", "batch_size"}
+    cfg = load_config(
+        EXAMPLES / "tiny" / "base.yaml", ["training.micro_batch_size=2", "training.global_batch_size=4"]
+    )
+    assert cfg.sample_geometry == SampleGeometry(
+        vae_stride_t=8, vae_stride_hw=8, context_parallel=1, micro_batch_size=2
+    )
+    v13 = build_config(
+        {"model": {"flavor": "tiny"}, "vae": {"flavor": "wfvae_4x8x8_d8"}, "shape": {"num_frames": 17}},
+        ["parallel.context_parallel=1"],
+    )
+    assert (v13.sample_geometry.vae_stride_t, v13.latent_grid) == (4, (5, 32, 32))
+    with pytest.raises(ConfigError, match="1 \\+ a multiple of the VAE temporal stride 4"):
+        build_config(
+            {"model": {"flavor": "tiny"}, "vae": {"flavor": "wfvae_4x8x8_d8"}, "shape": {"num_frames": 15}}
+        )
+
+
+def test_flavor_is_expanded_in_one_place():
+    from megatron_video.models.suv.config import FLAVORS, with_flavor
+
+    fields = with_flavor({"flavor": "tiny", "num_heads": 8})
+    assert fields == {**FLAVORS["tiny"], "num_heads": 8, "flavor": "tiny"}
+    assert SUVConfig.from_flavor("tiny", num_heads=8) == build_config({"model": fields}).model
+    with pytest.raises(ConfigError, match="unknown model.flavor"):
+        with_flavor({"flavor": "70B"})

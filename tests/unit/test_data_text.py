@@ -19,7 +19,8 @@ from megatron_video.data.text import (
     drop_caption,
 )
 from megatron_video.errors import ConfigError
-from megatron_video.models.text import CONTEXT, POOLED, TextEncoderConfig, TextEncoderPairConfig
+from megatron_video.models.text.config import TextEncoderConfig, TextEncoderPairConfig
+from megatron_video.models.text.encoders import CONTEXT, POOLED
 from tests.unit.test_text_encoders import save_tiny_clip, save_tiny_t5
 
 

@@ -131,3 +131,39 @@ def test_euler_recovers_straight_path():
     x0, n = torch.randn(2, 3, 1, 2, 2), torch.randn(2, 3, 1, 2, 2)
     out = euler_flow_sample(lambda x, t: n - x0, n, flow_sigmas(7, shift=3.0))
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+class _Nonlinear(torch.nn.Module):
+    """A 'model' that mixes its input, timestep and condition nonlinearly."""
+
+    def forward(self, x, t, *, scale):
+        return torch.tanh(x.float() * scale + t.float().view(-1, 1, 1, 1, 1) / 1000).to(x.dtype)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        FlowMatching(shift=3.0),
+        FlowMatching(weighting="mode", sigma_eps=1e-3),
+        DDPMObjective(prediction="epsilon", zero_terminal_snr=False, snr_gamma=5.0, noise_offset=0.02),
+        DDPMObjective(prediction="v_prediction", snr_gamma=5.0, noise_offset=0.02, dp_rank=1, dp_size=2),
+        DDPMObjective(prediction="v_prediction", snr_gamma=None),
+    ],
+    ids=["flow", "flow-mode", "ddpm-eps", "ddpm-v", "ddpm-v-unweighted"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_loss_is_loss_of_model_on_noised_inputs(objective, dtype):
+    x0 = torch.randn(3, 4, 2, 4, 4).to(dtype)
+    mask = (torch.rand(3, 2, 4, 4) > 0.3).float()
+    cond = {"scale": 0.7}
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(3)]
+
+    for loss_mask in (None, mask):
+        expected = objective.training_loss(_Nonlinear(), x0, cond, gens(), loss_mask)
+        inputs = objective.noised_inputs(x0, gens())
+        assert inputs.x_t.dtype == dtype and inputs.target.dtype == torch.float32
+        assert (inputs.weight is None) == (getattr(objective, "snr_gamma", None) is None)
+        got = objective.loss(_Nonlinear()(inputs.x_t, inputs.timesteps, **cond), inputs, loss_mask)
+        assert torch.equal(got, expected)

@@ -20,22 +20,20 @@ import torch
 
 from megatron_video.config import load_config
 from megatron_video.config.loader import field_docs
-from megatron_video.data import VideoTextDataset
-from megatron_video.data.feature_cache import (
-    CachedBatches,
-    CachedFeatureDataset,
-    FeatureCache,
-    FeatureCacheConfig,
+from megatron_video.data.batches import EncodedBatches
+from megatron_video.data.config import FeatureCacheConfig
+from megatron_video.data.dataset import VideoTextDataset
+from megatron_video.data.feature_cache.build import build_feature_cache, merge_index
+from megatron_video.data.feature_cache.format import (
     FeatureCacheError,
-    build_feature_cache,
     caption_variants,
+    check_compatible,
     dropout_texts,
-    merge_index,
 )
+from megatron_video.data.feature_cache.read import CachedBatches, CachedFeatureDataset, FeatureCache
 from megatron_video.data.text import CaptionProcessor, TextConfig
 from megatron_video.errors import ConfigError
 from megatron_video.testing.vae import tiny_wfvae
-from megatron_video.training.batches import EncodedBatches
 from megatron_video.training.stage import build_text_encoder
 
 ROOT = Path(__file__).parents[2]
@@ -98,7 +96,7 @@ def text(cfg):
 
 @pytest.fixture(scope="module")
 def dataset(cfg):
-    return VideoTextDataset(cfg.data)
+    return VideoTextDataset(cfg.data, cfg.sample_geometry)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,7 @@ def test_cached_batches_equal_online_batches_across_an_epoch(
         f"training.micro_batch_size={micro_batch}",
         f"training.global_batch_size={micro_batch * dp_size}",
     )
-    online = EncodedBatches(cfg, VideoTextDataset(cfg.data), vae, text, dp_rank, dp_size)
+    online = EncodedBatches(cfg, VideoTextDataset(cfg.data, cfg.sample_geometry), vae, text, dp_rank, dp_size)
     cached_ds = CachedFeatureDataset.from_config(cache_dir, cfg, features_of(cache_dir))
     cached = CachedBatches(cfg, cached_ds, dp_rank, dp_size)
     steps_per_epoch = -(-20 // (micro_batch * dp_size))
@@ -261,6 +259,32 @@ def test_settings_that_change_the_features_are_rejected(data_txt, cache_dir):
     CachedFeatureDataset.from_config(cache_dir, loose, features_of(cache_dir))
 
 
+def test_a_cache_of_another_sample_geometry_is_rejected(data_txt, cache_dir):
+    """The context-parallel size snaps video lengths, so it decides which samples and crops exist;
+    the micro-batch only groups them (the cache was built at 2, the online-equality test reads it at 1)."""
+    cfg = make_cfg(data_txt, "parallel.context_parallel=2", "data.media=videos")
+    assert (cfg.sample_geometry.context_parallel, cfg.sample_geometry.vae_stride_t) == (2, 8)
+    header = FeatureCache(cache_dir).header
+    assert header["sample_geometry"] == {"vae_stride_t": 8, "vae_stride_hw": 8, "context_parallel": 1}
+    with pytest.raises(ConfigError) as err:
+        CachedFeatureDataset.from_config(cache_dir, cfg, features_of(cache_dir))
+    assert "sample_geometry.context_parallel: cache 1, now 2" in str(err.value)
+    assert "data.media: cache 'all', now 'videos'" in str(err.value)
+    assert "micro_batch_size" not in str(err.value)
+    # a header written with other VAE strides lists them too
+    other = {
+        **header,
+        "sample_geometry": {**header["sample_geometry"], "vae_stride_t": 4, "vae_stride_hw": 16},
+    }
+    with pytest.raises(ConfigError) as err:
+        check_compatible(other, make_cfg(data_txt))
+    for line in (
+        "sample_geometry.vae_stride_t: cache 4, now 8",
+        "sample_geometry.vae_stride_hw: cache 16, now 8",
+    ):
+        assert line in str(err.value)
+
+
 def test_config_fields_are_documented():
     import dataclasses
 
@@ -329,7 +353,9 @@ def test_missing_or_corrupt_files_are_named(tmp_path, cfg, cache_dir):
         shutil.copytree(cache_dir, out)
         shard = out / "shards" / "r0000-000001.safetensors"
         damage(out, shard)
-        return shard, CachedFeatureDataset(out, cfg.data, cfg.captions, cfg.training.seed)
+        return shard, CachedFeatureDataset(
+            out, cfg.data, cfg.sample_geometry, cfg.captions, cfg.training.seed
+        )
 
     shard, ds = damaged(lambda out, shard: shard.unlink())
     with pytest.raises(
@@ -380,7 +406,7 @@ def test_failed_files_are_replaced_as_online(tmp_path, data_txt, vae, text):
     index = merge_index(features.cache_dir)
     (failed,) = index["failed"]
     assert str(broken) in index["failed"][failed]
-    online = VideoTextDataset(cfg.data)
+    online = VideoTextDataset(cfg.data, cfg.sample_geometry)
     cached = CachedFeatureDataset.from_config(features.cache_dir, cfg, features)
     for epoch in (0, 1):
         online.set_epoch(epoch)

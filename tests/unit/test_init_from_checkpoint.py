@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_video.platform.launch import Runtime
 from megatron_video.testing.models import build_model, randomize, tiny_config
 from megatron_video.training import checkpoint as ckpt
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.loop import wrap_ddp
-from megatron_video.training.runtime import Runtime
 from megatron_video.training.stage import initialize_from
 
 pytestmark = pytest.mark.usefixtures("megatron_single")

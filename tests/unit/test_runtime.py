@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megatron_video.training.runtime import launcher_env, sample_generators
+from megatron_video.data.batches import step_generators
+from megatron_video.platform.launch import launcher_env
 
 
 def test_torchrun_env(monkeypatch):
@@ -30,7 +31,7 @@ def test_single_process_defaults(monkeypatch):
 
 
 def test_sample_generators_depend_on_position_not_split():
-    a = [g.initial_seed() for g in sample_generators(7, 3, range(0, 4))]
-    b = [g.initial_seed() for g in sample_generators(7, 3, range(2, 4))]
+    a = [g.initial_seed() for g in step_generators(7, 3, range(0, 4))]
+    b = [g.initial_seed() for g in step_generators(7, 3, range(2, 4))]
     assert a[2:] == b and len(set(a)) == 4
-    assert a != [g.initial_seed() for g in sample_generators(7, 4, range(0, 4))]
+    assert a != [g.initial_seed() for g in step_generators(7, 4, range(0, 4))]

@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_video.errors import ConfigError
-from megatron_video.models.text import (
-    CONTEXT,
-    POOLED,
-    TextEncoder,
-    TextEncoderConfig,
-    TextEncoderPair,
-    TextEncoderPairConfig,
-    masked_mean,
-)
+from megatron_video.models.text.config import TextEncoderConfig, TextEncoderPairConfig
+from megatron_video.models.text.encoders import CONTEXT, POOLED, TextEncoder, TextEncoderPair, masked_mean
 
 WORDS = ["a", "the", "man", "dog", "cat", "car", "in", "on", "is", "running", "talking", "street"]
 CLIP_POSITIONS = 16

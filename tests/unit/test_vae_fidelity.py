@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_video.models.causal_vae import CausalVAE, CausalVAEConfig
 from megatron_video.models.causal_vae import state_dict_adapter as causal_adapter
-from megatron_video.models.wfvae import WFVAE, WFVAEConfig
+from megatron_video.models.causal_vae.config import CausalVAEConfig
+from megatron_video.models.causal_vae.model import CausalVAE
 from megatron_video.models.wfvae import state_dict_adapter as wfvae_adapter
+from megatron_video.models.wfvae.config import WFVAEConfig
+from megatron_video.models.wfvae.model import WFVAE
 from megatron_video.testing.vae import randomize_vae
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "open_sora_plan_vae"

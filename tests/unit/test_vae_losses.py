@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from megatron_video.errors import ConfigError
-from megatron_video.models.wfvae import DiagonalGaussian
-from megatron_video.models.wfvae.model import HaarWavelet3D
+from megatron_video.models.wfvae.model import DiagonalGaussian, HaarWavelet3D
 from megatron_video.testing.vae import random_video, tiny_wfvae
 from megatron_video.training import vae_losses
 from megatron_video.training.vae_losses import (
@@ -276,7 +275,7 @@ def test_generator_loss_adds_every_term_with_its_weight(vae):
 
 
 def _config(*overrides):
-    from megatron_video.training.vae_trainer import load_vae_train_config
+    from megatron_video.config.vae_training import load_vae_train_config
 
     return load_vae_train_config(ROOT / "examples" / "tiny" / "vae.yaml", list(overrides))
 
@@ -284,7 +283,8 @@ def _config(*overrides):
 def test_demo_config_loads_with_derived_data_strides():
     cfg = _config("optim.lr=3e-4", "loss.discriminator.ndf=8")
     assert cfg.model.build_config().flavor == "tiny"
-    assert (cfg.data.vae_stride_t, cfg.data.vae_stride_hw, cfg.data.num_frames) == (8, 8, 9)
+    g = cfg.sample_geometry
+    assert (g.vae_stride_t, g.vae_stride_hw, cfg.data.num_frames) == (8, 8, 9)
     assert cfg.optim.lr == 3e-4 and cfg.loss.discriminator.ndf == 8
 
 

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from megatron_video.errors import CheckpointMismatch, ConfigError
-from megatron_video.models.wfvae import WFVAE, TemporalCache, WFVAEConfig
 from megatron_video.models.wfvae import state_dict_adapter as adapter
+from megatron_video.models.wfvae.config import WFVAEConfig
 from megatron_video.models.wfvae.model import (
     HAAR_3D_COEFF,
+    WFVAE,
     HaarWavelet2D,
     HaarWavelet3D,
     InverseHaarWavelet2D,
     InverseHaarWavelet3D,
+    TemporalCache,
     auto_chunk_sizes,
     decode_spatial_tiles,
 )

@@ -1,11 +1,13 @@
 """Joint video/text attention with Skiparse sparsity (the SUV attention).
 
-Shapes: N video tokens, L text tokens, B batch, h heads (this rank's), d head dim, k sparsity.
+Shapes: N video tokens, L text tokens, B batch, h heads (this rank's), d head dim; sparse_n is
+the Skiparse sparsity (`model.sparse_n` of the stage).
 
 Per sub-sequence j of the video (see `skiparse.py`) the attended sequence is [video_j ; text]:
-video queries see their sub-sequence and all text keys; the text is repeated k times, attends
-once per sub-sequence, and its k outputs are averaged. Padded video keys, masked latents and
-padded text tokens are excluded from every softmax. k = 1 is dense joint attention.
+video queries see their sub-sequence and all text keys; the text is repeated sparse_n times,
+attends once per sub-sequence, and its sparse_n outputs are averaged. Padded video keys, masked
+latents and padded text tokens are excluded from every softmax. sparse_n = 1 is dense joint
+attention.
 """
 
 from __future__ import annotations
@@ -35,39 +37,39 @@ def joint_skiparse_attention(
     tv_LBhd: torch.Tensor,
     video_keep_BN: torch.Tensor,
     text_keep_BL: torch.Tensor,
-    sparse_k: int,
+    sparse_n: int,
     group: bool,
     backend: str = "sdpa",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint attention over full sequences; returns video [N, B, h, d] and text [L, B, h, d]."""
     n, b = q_NBhd.shape[:2]
     num_text = tq_LBhd.shape[0]
-    kk = sparse_k
     scale = q_NBhd.shape[-1] ** -0.5
 
-    # 1. Pad the video to a multiple of k^2 and regroup into k sub-sequences (batch j * B + b).
-    pad = skiparse_padding(n, kk) if kk > 1 else 0
+    # 1. Pad the video to a multiple of sparse_n^2 and regroup into sparse_n sub-sequences
+    # (batch j * B + b).
+    pad = skiparse_padding(n, sparse_n) if sparse_n > 1 else 0
     video = [q_NBhd, k_NBhd, v_NBhd]
     if pad:
         video = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in video]
-    if kk > 1:
-        video = [skiparse_regroup(t, kk, group) for t in video]
-        video_keep = skiparse_key_mask(video_keep_BN, kk, group)
-        text = [t.repeat(1, kk, 1, 1) for t in (tq_LBhd, tk_LBhd, tv_LBhd)]
-        text_keep = text_keep_BL.repeat(kk, 1)
+    if sparse_n > 1:
+        video = [skiparse_regroup(t, sparse_n, group) for t in video]
+        video_keep = skiparse_key_mask(video_keep_BN, sparse_n, group)
+        text = [t.repeat(1, sparse_n, 1, 1) for t in (tq_LBhd, tk_LBhd, tv_LBhd)]
+        text_keep = text_keep_BL.repeat(sparse_n, 1)
     else:
         video_keep, text, text_keep = video_keep_BN, [tq_LBhd, tk_LBhd, tv_LBhd], text_keep_BL
 
     # 2. One softmax over [video_j ; text] per sub-sequence.
     q, k, v = (torch.cat([vt, tt], dim=0).permute(1, 2, 0, 3) for vt, tt in zip(video, text))
     keep = torch.cat([video_keep, text_keep], dim=1)
-    out = attention(q, k, v, keep, scale, backend).permute(2, 0, 1, 3)  # [S_j + L, kB, h, d]
+    out = attention(q, k, v, keep, scale, backend).permute(2, 0, 1, 3)  # [S_j + L, sparse_n*B, h, d]
 
-    # 3. Undo the regrouping, drop the padding, average the k text outputs.
+    # 3. Undo the regrouping, drop the padding, average the sparse_n text outputs.
     out_video, out_text = out[: out.shape[0] - num_text], out[out.shape[0] - num_text :]
-    if kk > 1:
-        out_video = skiparse_ungroup(out_video, kk, group)
-        out_text = out_text.reshape(num_text, kk, b, *out_text.shape[2:]).mean(dim=1)
+    if sparse_n > 1:
+        out_video = skiparse_ungroup(out_video, sparse_n, group)
+        out_text = out_text.reshape(num_text, sparse_n, b, *out_text.shape[2:]).mean(dim=1)
     return out_video[:n], out_text
 
 
@@ -138,7 +140,7 @@ class JointSkiparseAttention(nn.Module):
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
         video_keep_BN: torch.Tensor,
         text_keep_BL: torch.Tensor,
-        sparse_k: int,
+        sparse_n: int,
         group: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -150,7 +152,7 @@ class JointSkiparseAttention(nn.Module):
         q, k = apply_rope_3d(q, *rope_cos_sin), apply_rope_3d(k, *rope_cos_sin)
         # 3. Skiparse joint attention.
         out, out_text = joint_skiparse_attention(
-            q, k, v, tq, tk, tv, video_keep_BN, text_keep_BL, sparse_k, group, backend
+            q, k, v, tq, tk, tv, video_keep_BN, text_keep_BL, sparse_n, group, backend
         )
         # 4. Back to the sequence split and the output projections.
         out = ulysses_head_to_seq(out, self.plan)

@@ -7,8 +7,9 @@ fields that differ from those defaults; `SUVConfig.from_flavor("tiny", num_heads
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_video.errors import ConfigError
 
@@ -24,7 +25,7 @@ class SUVConfig:
     """Blocks per U-stage; an odd number of stages, mirrored around the middle one."""
 
     sparse_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 4, 2, 1])
-    """Skiparse sparsity k per stage (1 = dense attention); mirrored like `num_layers`."""
+    """Skiparse sparsity per stage (k in the Skiparse paper; 1 = dense attention); mirrored like `num_layers`."""
 
     num_heads: int = 24
     """Attention heads; must be divisible by tensor_parallel x context_parallel."""
@@ -99,12 +100,15 @@ class SUVConfig:
         """Blocks over all stages."""
         return sum(self.num_layers)
 
+    @property
+    def block_sparse_n(self) -> list[int]:
+        """Skiparse sparsity of every block, in order (its stage's `sparse_n`)."""
+        return [n for layers, n in zip(self.num_layers, self.sparse_n) for _ in range(layers)]
+
     @classmethod
     def from_flavor(cls, name: str, **overrides) -> SUVConfig:
         """The preset `name` with `overrides` applied on top."""
-        if name not in FLAVORS:
-            raise ConfigError(f"unknown SUV flavor '{name}'; choose one of {sorted(FLAVORS)}")
-        return dataclasses.replace(cls(), flavor=name, **{**FLAVORS[name], **overrides})
+        return dataclasses.replace(cls(), **with_flavor({"flavor": name, **overrides}))
 
     def validate(self) -> None:
         """Raise ConfigError when the geometry cannot be built."""
@@ -121,7 +125,7 @@ class SUVConfig:
             )
         if any(x < 1 for x in self.num_layers):
             raise ConfigError(f"model.num_layers entries must be >= 1, got {self.num_layers}")
-        if any(k < 1 for k in self.sparse_n):
+        if any(x < 1 for x in self.sparse_n):
             raise ConfigError(f"model.sparse_n entries must be >= 1, got {self.sparse_n}")
         if self.skip_connection:
             for i in range(n // 2):
@@ -129,7 +133,7 @@ class SUVConfig:
                 if self.sparse_n[i] != self.sparse_n[j]:
                     raise ConfigError(
                         f"model.sparse_n must mirror around the middle stage for U-skips: stage {i} "
-                        f"has k={self.sparse_n[i]} but stage {j} has k={self.sparse_n[j]}"
+                        f"has sparse_n={self.sparse_n[i]} but stage {j} has sparse_n={self.sparse_n[j]}"
                     )
         if self.head_dim % 16 != 0:
             raise ConfigError(
@@ -149,12 +153,12 @@ class SUVConfig:
             )
 
     def dense(self) -> SUVConfig:
-        """The same geometry with every stage dense (k = 1)."""
+        """The same geometry with every stage dense (sparse_n = 1)."""
         return dataclasses.replace(self, sparse_n=[1] * len(self.num_layers))
 
 
 FLAVORS: dict[str, dict] = {
-    # Tests and the CPU demo: two sparse levels (k = 2, 4), even blocks per stage, MiniLM text width.
+    # Tests and the CPU demo: two sparse levels (sparse_n = 2, 4), even blocks per stage, MiniLM text width.
     "tiny": dict(
         num_layers=[2, 2, 2, 2, 2],
         sparse_n=[1, 2, 4, 2, 1],
@@ -176,3 +180,12 @@ FLAVORS: dict[str, dict] = {
     # The released Open-Sora-Plan v1.5 model.
     "8.5B": dict(),
 }
+
+
+def with_flavor(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A `model` section's fields with its flavor's preset under them (the one place a flavor is
+    expanded): `{**FLAVORS[flavor], **fields}`; the flavor defaults to `SUVConfig.flavor`."""
+    flavor = fields.get("flavor", SUVConfig.flavor)
+    if flavor not in FLAVORS:
+        raise ConfigError(f"unknown model.flavor '{flavor}'; choose one of {sorted(FLAVORS)}")
+    return {**FLAVORS[flavor], **fields, "flavor": flavor}

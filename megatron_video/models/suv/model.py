@@ -66,13 +66,13 @@ class SUVBlock(nn.Module):
         self,
         cfg: SUVConfig,
         plan: ParallelPlan,
-        sparse_k: int,
+        sparse_n: int,
         group: bool,
         context_pre_only: bool = False,
     ):
         super().__init__()
         d, e = cfg.hidden_size, cfg.timestep_embed_dim
-        self.sparse_k, self.group = sparse_k, group
+        self.sparse_n, self.group = sparse_n, group
         self.context_pre_only = context_pre_only
         self.double_ff = cfg.double_ff
         self.recompute_ffn = False
@@ -98,7 +98,7 @@ class SUVBlock(nn.Module):
         xn = modulate(self.norm1_video(x_SBD), sh, sc)
         cn = modulate(self.norm1_text(c_LBD), sh_c, sc_c)
         attn_x, attn_c = self.attn(
-            xn, cn, rope, video_keep_BN, text_keep_BL, self.sparse_k, self.group, backend
+            xn, cn, rope, video_keep_BN, text_keep_BL, self.sparse_n, self.group, backend
         )
         x_SBD = x_SBD + g * attn_x
         if not self.context_pre_only:
@@ -222,7 +222,7 @@ class SUVModel(MegatronModule):
             held.setdefault(s, {})[i] = SUVBlock(
                 cfg,
                 plan,
-                sparse_k=cfg.sparse_n[s],
+                sparse_n=cfg.sparse_n[s],
                 group=(i % 2 == 1),
                 context_pre_only=(s == num_stages - 1 and i == cfg.num_layers[s] - 1),
             )

@@ -11,27 +11,99 @@ replica all consume the same micro-batches, so instead of each encoding every on
 ranks of that group take the next g micro-batches, each loads and encodes one, and the results
 are exchanged; the next g steps are then served from that queue. Per-sample keyed randomness
 makes the result identical to encoding everything everywhere.
+
+The batch types every batch source shares live here too: `TrainBatch` (what the objective gets),
+`BatchSource` (what the trainer pulls from), and the keyed generators (`sample_generator` for a
+sample's data-side draws, `step_generators` for the objective's sigma and noise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from megatron_video.config.schema import ExperimentConfig
+from megatron_video.data.collate import collate_samples
 from megatron_video.data.dataset import ResumableLoader, VideoTextDataset
 from megatron_video.data.i2v_masks import I2VMasker, compress_mask
 from megatron_video.data.sampler import MegabatchBucketSampler
 from megatron_video.data.text import CaptionProcessor
-from megatron_video.models.text.encoders import CONTEXT, POOLED, TextEncoderPair
-from megatron_video.training.loop import TrainBatch
+from megatron_video.models.text.encoders import TextEncoderPair
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch ready for the objective."""
+
+    x0_BCTHW: torch.Tensor
+    """Clean (normalised) latents."""
+
+    cond: dict[str, torch.Tensor]
+    """Model keyword inputs besides the noisy latents and timesteps."""
+
+    loss_mask_BTHW: torch.Tensor | None = None
+    """Latent positions that count in the loss (None: all)."""
+
+
+class BatchSource(Protocol):
+    """Yields this data-parallel rank's micro-batches and can resume its position."""
+
+    def next_batch(self) -> TrainBatch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+CAPTION_DRAWS, POSTERIOR_NOISE, I2V_MASK_DRAWS, CONDITION_NOISE, MASKED_POSTERIOR = 1, 2, 3, 4, 5
+"""The `salt` of each kind of a sample's random draws: caption choice / notice / CFG dropout, the
+posterior sample of its latent, the I2V mask type and kept frames, the condition noise, and the
+masked video's latent (a mean: never drawn). Online encoding and the feature cache key by these."""
 
 
 def sample_generator(seed: int, epoch: int, index: int, salt: int) -> torch.Generator:
-    """Generator for one sample's random choices of one kind (`salt`)."""
+    """Generator for one sample's random choices of one kind (`salt`, one of the constants above)."""
     return torch.Generator().manual_seed(((seed * 7_919 + epoch) * 1_000_003 + index) * 31 + salt)
+
+
+def step_generators(seed: int, step: int, positions: range) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, step, position in the global batch).
+
+    Every TP / CP / PP rank of a replica draws the same noise and sigma, and the draws do not
+    depend on how the global batch is split into micro-batches and data-parallel ranks.
+    """
+    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + p) for p in positions]
+
+
+def posterior_latents(
+    mean_BZTHW: torch.Tensor,
+    std_BZTHW: torch.Tensor,
+    seed: int,
+    epoch: int,
+    indices: Sequence[int],
+    salt: int,
+    sample: bool,
+    shift,
+    scale,
+) -> torch.Tensor:
+    """Normalised latents `(z - shift) * scale` of a VAE posterior: z = mean, or a posterior sample
+    mean + std * noise with each sample's noise from `sample_generator(seed, epoch, index, salt)`.
+    The one rule the online encoder and the feature cache share."""
+    if not sample:
+        z = mean_BZTHW
+    else:
+        noise = torch.cat(
+            [
+                torch.randn((1, *mean_BZTHW.shape[1:]), generator=sample_generator(seed, epoch, index, salt))
+                for index in indices
+            ]
+        ).to(mean_BZTHW.device)
+        z = mean_BZTHW + std_BZTHW * noise
+    return (z - shift) * scale
 
 
 class EncodedBatches:
@@ -94,7 +166,7 @@ class EncodedBatches:
             return self._encode_batch(raw, self._loader.epoch or 0)
         if not self._ready:
             self._fill_with_encoder_data_parallel()
-        self.consumed_samples += self.cfg.data.batch_size * self.dp_size
+        self.consumed_samples += self.dataset.geometry.micro_batch_size * self.dp_size
         return self._ready.pop(0)
 
     # -- encoder data parallel --------------------------------------------------------------------
@@ -104,7 +176,7 @@ class EncodedBatches:
         if self._index_iter is None:
             sampler = MegabatchBucketSampler(
                 self.dataset.bucket_keys,
-                batch_size=self.cfg.data.batch_size,
+                batch_size=self.dataset.geometry.micro_batch_size,
                 dp_rank=self.dp_rank,
                 dp_size=self.dp_size,
                 seed=self.cfg.data.seed,
@@ -125,15 +197,14 @@ class EncodedBatches:
 
     def _fill_with_encoder_data_parallel(self) -> None:
         """Read the next g micro-batches, encode the one this rank owns, exchange all g."""
-        from megatron_video.data.collate import collate_samples
-
         group, g = self.encoder_group, self.encoder_size
         me = dist.get_rank(group)
         slots = [self._next_indices() for _ in range(g)]
         indices, epoch = slots[me]
         self.dataset.set_epoch(epoch)
+        geometry = self.dataset.geometry
         raw = collate_samples(
-            [self.dataset[i] for i in indices], self.cfg.data.vae_stride_t, self.cfg.data.vae_stride_hw
+            [self.dataset[i] for i in indices], geometry.vae_stride_t, geometry.vae_stride_hw
         )
         mine = _to_device(self._encode_batch(raw, epoch), torch.device("cpu"))
         ranks = dist.get_process_group_ranks(group)
@@ -153,7 +224,7 @@ class EncodedBatches:
         # 1. Captions: pick, notice, clean, CFG dropout, tokenise, encode.
         texts = []
         for i, index in enumerate(indices):
-            gen = sample_generator(seed, epoch, index, 1)
+            gen = sample_generator(seed, epoch, index, CAPTION_DRAWS)
             texts.append(
                 self.captions.caption(
                     raw["captions"][i], gen, aesthetic=raw["aesthetic"][i], is_video=not raw["is_image"][i]
@@ -165,7 +236,7 @@ class EncodedBatches:
         cond["pooled_BP"] = emb.pooled_BP
 
         # 2. Latents (posterior samples drawn per sample).
-        x0 = self._encode(video, indices, epoch, salt=2)
+        x0 = self._encode(video, indices, epoch, salt=POSTERIOR_NOISE)
         loss_mask = raw["video_mask"].to(self.device)
         cond["video_mask_BTHW"] = loss_mask
 
@@ -173,19 +244,21 @@ class EncodedBatches:
         if self.masker is not None:
             masked, masks = [], []
             for i, index in enumerate(indices):
-                c = self.masker(video[i], sample_generator(seed, epoch, index, 3))
+                c = self.masker(video[i], sample_generator(seed, epoch, index, I2V_MASK_DRAWS))
                 masked.append(c.masked_video_CTHW)
                 masks.append(c.mask_1THW)
             masked_BCTHW, mask_B1THW = torch.stack(masked), torch.stack(masks)
             if self.cfg.i2v.condition_noise:
-                gens = [sample_generator(seed, epoch, index, 4) for index in indices]
+                gens = [sample_generator(seed, epoch, index, CONDITION_NOISE) for index in indices]
                 masked_BCTHW = torch.cat(
                     [
                         self.masker.add_noise(masked_BCTHW[i : i + 1], mask_B1THW[i : i + 1], g)
                         for i, g in enumerate(gens)
                     ]
                 )
-            cond["masked_latents_BCTHW"] = self._encode(masked_BCTHW, indices, epoch, salt=5, sample=False)
+            cond["masked_latents_BCTHW"] = self._encode(
+                masked_BCTHW, indices, epoch, salt=MASKED_POSTERIOR, sample=False
+            )
             cond["inpaint_mask_BMTHW"] = compress_mask(
                 mask_B1THW, self.vae.temporal_stride, self.vae.spatial_stride, self.vae.spatial_stride
             )
@@ -194,20 +267,17 @@ class EncodedBatches:
     def _encode(self, video_BCTHW, indices, epoch, salt, sample=None):
         sample = self.cfg.vae.sample_posterior if sample is None else sample
         posterior = self.vae.encode(video_BCTHW)
-        if not sample:
-            z = posterior.mean
-        else:
-            noise = torch.cat(
-                [
-                    torch.randn(
-                        (1, *posterior.mean.shape[1:]),
-                        generator=sample_generator(self.cfg.training.seed, epoch, index, salt),
-                    )
-                    for index in indices
-                ]
-            ).to(posterior.mean.device)
-            z = posterior.mean + posterior.std * noise
-        return (z - self.vae.shift) * self.vae.scale
+        return posterior_latents(
+            posterior.mean,
+            posterior.std,
+            self.cfg.training.seed,
+            epoch,
+            indices,
+            salt,
+            sample,
+            self.vae.shift,
+            self.vae.scale,
+        )
 
 
 def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
@@ -219,4 +289,11 @@ def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     )
 
 
-__all__ = ["CONTEXT", "POOLED", "EncodedBatches", "sample_generator"]
+__all__ = [
+    "BatchSource",
+    "EncodedBatches",
+    "TrainBatch",
+    "posterior_latents",
+    "sample_generator",
+    "step_generators",
+]

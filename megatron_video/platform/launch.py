@@ -1,8 +1,10 @@
-"""Process start-up: launcher environment, device, process groups, the CPU adaptation, seeds.
+"""Process start-up: launcher environment, device, the default process group, the CPU adaptation.
 
 Launchers: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), Ascend msrun
 (RANK_ID or MS_NODE_ID, RANK_SIZE or MS_WORKER_NUM, LOCAL_RANK or DEVICE_ID, MS_SCHED_HOST,
-MS_SCHED_PORT; the torch store uses MS_SCHED_PORT + 1), or a plain single process.
+MS_SCHED_PORT; the torch store uses MS_SCHED_PORT + 1), or a plain single process. Every entry
+point (training stages, the VAE trainer, sampling and conversion tools) starts here; the parallel
+layout on top of the default group is `megatron_video.parallel.setup.setup_parallel`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,16 @@ from __future__ import annotations
 import os
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_video.config.schema import ExperimentConfig
+from megatron_video.config.schema import RuntimeConfig
 from megatron_video.errors import ConfigError
 from megatron_video.parallel.plan import ParallelPlan
-from megatron_video.parallel.setup import build_parallel_plan, initialize_model_parallel
 
 
 @dataclass
@@ -33,16 +32,33 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
-    plan: ParallelPlan | None = None
-    dp_rank: int = 0
-    dp_size: int = 1
-    pp_rank: int = 0
-    pp_size: int = 1
+    plan: ParallelPlan = field(default_factory=ParallelPlan)
+    """The parallel layout of the current stage (`parallel.setup.setup_parallel` sets it)."""
 
     @property
     def is_main(self) -> bool:
         """Rank 0 of the world: the one that prints and writes shared files."""
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel replica."""
+        return self.plan.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas."""
+        return self.plan.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return self.plan.pp_rank
+
+    @property
+    def pp_size(self) -> int:
+        """Pipeline stages."""
+        return self.plan.pp_size
 
 
 def launcher_env() -> tuple[int, int, int, str, str]:
@@ -72,6 +88,14 @@ def launcher_env() -> tuple[int, int, int, str, str]:
     return 0, 1, 0, "127.0.0.1", port
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global generator (seed mod 2**32) and torch's CPU and device
+    generators with `seed`, in that order."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def select_device(name: str, local_rank: int) -> torch.device:
     """cuda / npu / cpu, or the first available for 'auto'."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
@@ -93,13 +117,14 @@ def select_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(cfg: ExperimentConfig) -> Runtime:
-    """Start (or join) the default process group for the launcher's world."""
+def init_distributed(runtime_cfg: RuntimeConfig) -> Runtime:
+    """Start (or join) the default process group for the launcher's world, on the device
+    `runtime_cfg.device` names, with `runtime_cfg.distributed_timeout_s` for collectives."""
     rank, world, local_rank, addr, port = launcher_env()
     if dist.is_initialized():  # started by the caller (tests, notebooks): take its world
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = select_device(cfg.runtime.device, local_rank)
+    device = select_device(runtime_cfg.device, local_rank)
     if not dist.is_initialized():
         backend = {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
         dist.init_process_group(
@@ -107,7 +132,7 @@ def init_distributed(cfg: ExperimentConfig) -> Runtime:
             init_method=f"tcp://{addr}:{port}",
             rank=rank,
             world_size=world,
-            timeout=timedelta(seconds=cfg.runtime.distributed_timeout_s),
+            timeout=timedelta(seconds=runtime_cfg.distributed_timeout_s),
         )
     if device.type == "cpu":
         from megatron_video.platform.megatron_cpu import apply_megatron_cpu_adaptation
@@ -117,36 +142,3 @@ def init_distributed(cfg: ExperimentConfig) -> Runtime:
             max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         )
     return Runtime(device=device, rank=rank, world_size=world, local_rank=local_rank)
-
-
-def setup_parallel(cfg: ExperimentConfig, runtime: Runtime) -> Runtime:
-    """(Re)build megatron's groups for this stage's layout and seed every generator."""
-    p = cfg.parallel
-    if runtime.world_size % p.model_parallel_size != 0:
-        raise ConfigError(
-            f"{runtime.world_size} processes cannot hold tensor x context x pipeline = {p.model_parallel_size} "
-            "model-parallel ranks; change the parallel sizes or the number of processes"
-        )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    initialize_model_parallel(cfg)
-    runtime.plan = build_parallel_plan(cfg)
-    runtime.dp_rank = parallel_state.get_data_parallel_rank()
-    runtime.dp_size = parallel_state.get_data_parallel_world_size()
-    runtime.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    runtime.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    seed = cfg.training.seed + 100 * runtime.pp_rank
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    return runtime
-
-
-def sample_generators(seed: int, step: int, positions: range) -> list[torch.Generator]:
-    """One generator per sample, keyed by (seed, step, position in the global batch).
-
-    Every TP / CP / PP rank of a replica draws the same noise and sigma, and the draws do not
-    depend on how the global batch is split into micro-batches and data-parallel ranks.
-    """
-    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + p) for p in positions]
