@@ -220,7 +220,10 @@ def _set_ema(ema, chunks: list, plan, full: dict[str, torch.Tensor]) -> None:
         for chunk in chunks:
             names = [n for n, _ in chunk.named_parameters() if n in ema.shadow and n in full]
             shards = shard_state_dict(
-                {n: full[n] for n in names}, partition_dims(chunk), plan.tp_rank, plan.tp_size
+                {n: full[n] for n in names},
+                partition_dims(chunk),
+                plan.tensor_parallel_rank,
+                plan.tensor_parallel,
             )
             for name, tensor in shards.items():
                 ema.shadow[name].copy_(tensor)

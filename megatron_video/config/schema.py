@@ -80,6 +80,16 @@ class RuntimeConfig:
     distributed_timeout_s: int = 600
     """Timeout for collective operations, in seconds."""
 
+    def validate(self) -> None:
+        """Refuse fp16 (no trainer here does loss scaling) and non-positive time-outs."""
+        if self.dtype == "fp16":
+            raise ConfigError(
+                "runtime.dtype=fp16 needs dynamic loss scaling, which the trainers do not do; "
+                "use runtime.dtype=bf16 (or fp32)"
+            )
+        if self.distributed_timeout_s <= 0:
+            raise ConfigError(f"runtime.distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
 
 @dataclass
 class ShapeConfig:
@@ -163,11 +173,7 @@ class ExperimentConfig:
         self.i2v.validate()
         self.captions.validate()
         self.features.validate()
-        if self.runtime.dtype == "fp16":
-            raise ConfigError(
-                "runtime.dtype=fp16 needs dynamic loss scaling, which the training loop does not do; "
-                "use runtime.dtype=bf16 (or fp32)"
-            )
+        self.runtime.validate()
         if self.runtime.dtype == "bf16" and not self.training.optimizer.distributed_optimizer:
             raise ConfigError(
                 "runtime.dtype=bf16 runs Megatron's distributed optimizer (its plain mixed-precision optimizer "

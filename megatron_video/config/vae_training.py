@@ -309,8 +309,7 @@ class VAETrainConfig:
             )
         if self.logging.log_interval < 1:
             raise ConfigError(f"logging.log_interval must be >= 1, got {self.logging.log_interval}")
-        if self.runtime.dtype == "fp16":
-            raise ConfigError("runtime.dtype=fp16 is not supported for VAE training; use fp32 or bf16")
+        self.runtime.validate()
         device = self.runtime.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else None

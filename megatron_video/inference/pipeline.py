@@ -128,8 +128,8 @@ def build_inference_groups(plan: ParallelPlan, cfg_parallel: bool) -> InferenceG
         if cfg_parallel:
             raise ValueError("CFG-parallel needs two data-parallel replicas; launch at least 2 processes")
         return InferenceGroups()
-    dp_group, dp_rank, dp_size = plan.dp_group, plan.dp_rank, plan.dp_size
-    model_parallel_main = plan.tp_rank == 0 and plan.cp_rank == 0
+    dp_group, dp_rank, dp_size = plan.data_parallel_group, plan.data_parallel_rank, plan.data_parallel
+    model_parallel_main = plan.tensor_parallel_rank == 0 and plan.context_parallel_rank == 0
     if not cfg_parallel:
         return InferenceGroups(dp_rank, dp_size, 0, None, model_parallel_main)
     if dp_size % 2:

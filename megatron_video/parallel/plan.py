@@ -36,36 +36,36 @@ class ParallelPlan:
     sampling. The defaults describe a single process.
     """
 
-    tp_size: int = 1
+    tensor_parallel: int = 1
     """Tensor-parallel ranks (`parallel.tensor_parallel`)."""
 
-    tp_rank: int = 0
-    cp_size: int = 1
+    tensor_parallel_rank: int = 0
+    context_parallel: int = 1
     """Ulysses context-parallel ranks (`parallel.context_parallel`)."""
 
-    cp_rank: int = 0
-    pp_size: int = 1
+    context_parallel_rank: int = 0
+    pipeline_parallel: int = 1
     """Pipeline stages (`parallel.pipeline_parallel`)."""
 
-    pp_rank: int = 0
-    vpp_size: int | None = None
+    pipeline_parallel_rank: int = 0
+    virtual_pipeline: int | None = None
     """Model chunks per pipeline stage under the interleaved schedule (`parallel.virtual_pipeline`)."""
 
-    dp_size: int = 1
+    data_parallel: int = 1
     """Data-parallel replicas (the world divided by tp x cp x pp)."""
 
-    dp_rank: int = 0
+    data_parallel_rank: int = 0
     sequence_parallel: bool = False
-    tp_group: Any = None
-    cp_group: Any = None
-    pp_group: Any = None
-    dp_group: Any = None
+    tensor_parallel_group: Any = None
+    context_parallel_group: Any = None
+    pipeline_parallel_group: Any = None
+    data_parallel_group: Any = None
     """Replicas of this rank's model shard (same tp, cp and pp rank)."""
 
-    dp_cp_group: Any = None
+    data_context_parallel_group: Any = None
     """Data x context parallel: the group gradients are averaged over."""
 
-    tp_cp_group: Any = None
+    tensor_context_parallel_group: Any = None
     """Tensor x context parallel: the ranks of one replica stage that read the same batches."""
 
     groups: Any = None
@@ -79,21 +79,16 @@ class ParallelPlan:
     per-sample conditioning (AdaLN): they stay fp32 whatever the runtime dtype."""
 
     @property
-    def sp_size(self) -> int:
+    def sequence_parallel_size(self) -> int:
         """Ranks the token sequence of one CP shard is split over (TP under sequence parallel)."""
-        return self.tp_size if self.sequence_parallel else 1
+        return self.tensor_parallel if self.sequence_parallel else 1
 
     @property
-    def pp_last_rank(self) -> int:
+    def pipeline_last_rank(self) -> int:
         """Global rank of the last pipeline stage of this rank's pipeline."""
-        if self.pp_group is None:
+        if self.pipeline_parallel_group is None:
             return dist.get_rank() if dist.is_initialized() else 0
-        return dist.get_process_group_ranks(self.pp_group)[-1]
-
-    @property
-    def is_pp_last(self) -> bool:
-        """Whether this rank holds the last pipeline stage (the output head and the loss)."""
-        return self.pp_rank == self.pp_size - 1
+        return dist.get_process_group_ranks(self.pipeline_parallel_group)[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,50 +98,50 @@ class ParallelPlan:
 
 def split_frames_for_context_parallel(video_BCTHW: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """This CP rank's contiguous block of latent frames (dim 2)."""
-    if plan.cp_size == 1:
+    if plan.context_parallel == 1:
         return video_BCTHW
     frames = video_BCTHW.shape[2]
-    if frames % plan.cp_size != 0:
+    if frames % plan.context_parallel != 0:
         raise ValueError(
-            f"{frames} latent frames cannot be split over context_parallel={plan.cp_size}; "
+            f"{frames} latent frames cannot be split over context_parallel={plan.context_parallel}; "
             "use a frame count whose latent length is divisible by it"
         )
-    n = frames // plan.cp_size
-    return video_BCTHW[:, :, plan.cp_rank * n : (plan.cp_rank + 1) * n]
+    n = frames // plan.context_parallel
+    return video_BCTHW[:, :, plan.context_parallel_rank * n : (plan.context_parallel_rank + 1) * n]
 
 
 def split_tokens_for_context_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """This CP rank's contiguous slice of a sequence-first tensor (text tokens)."""
-    if plan.cp_size == 1:
+    if plan.context_parallel == 1:
         return tokens_SBD
     s = tokens_SBD.shape[0]
-    if s % plan.cp_size != 0:
+    if s % plan.context_parallel != 0:
         raise ValueError(
-            f"{s} text tokens cannot be split over context_parallel={plan.cp_size}; "
+            f"{s} text tokens cannot be split over context_parallel={plan.context_parallel}; "
             "pad the text length to a multiple of it"
         )
-    n = s // plan.cp_size
-    return tokens_SBD[plan.cp_rank * n : (plan.cp_rank + 1) * n]
+    n = s // plan.context_parallel
+    return tokens_SBD[plan.context_parallel_rank * n : (plan.context_parallel_rank + 1) * n]
 
 
 def scatter_to_sequence_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """Full (CP-local) sequence -> this TP rank's slice; backward all-gathers."""
-    if plan.sp_size == 1:
+    if plan.sequence_parallel_size == 1:
         return tokens_SBD
-    if tokens_SBD.shape[0] % plan.tp_size != 0:
+    if tokens_SBD.shape[0] % plan.tensor_parallel != 0:
         raise ValueError(
-            f"{tokens_SBD.shape[0]} tokens cannot be split over tensor_parallel={plan.tp_size} "
+            f"{tokens_SBD.shape[0]} tokens cannot be split over tensor_parallel={plan.tensor_parallel} "
             "under sequence parallel; adjust the shape or disable sequence_parallel"
         )
-    return mappings.scatter_to_sequence_parallel_region(tokens_SBD, group=plan.tp_group)
+    return mappings.scatter_to_sequence_parallel_region(tokens_SBD, group=plan.tensor_parallel_group)
 
 
 def gather_from_sequence_parallel(tokens_SBD: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """This TP rank's slice -> full (CP-local) sequence, used identically on every TP rank."""
-    if plan.sp_size == 1:
+    if plan.sequence_parallel_size == 1:
         return tokens_SBD
     return mappings.gather_from_sequence_parallel_region(
-        tokens_SBD, tensor_parallel_output_grad=False, group=plan.tp_group
+        tokens_SBD, tensor_parallel_output_grad=False, group=plan.tensor_parallel_group
     )
 
 
@@ -155,11 +150,11 @@ def gather_frames_from_context_parallel(video_BCTHW: torch.Tensor, plan: Paralle
 
     The backward keeps this rank's slice of the (identical) output gradient.
     """
-    if plan.cp_size == 1:
+    if plan.context_parallel == 1:
         return video_BCTHW
     moved_TBCHW = video_BCTHW.transpose(0, 2).contiguous()
     gathered = mappings.gather_from_sequence_parallel_region(
-        moved_TBCHW, tensor_parallel_output_grad=False, group=plan.cp_group
+        moved_TBCHW, tensor_parallel_output_grad=False, group=plan.context_parallel_group
     )
     return gathered.transpose(0, 2)
 
@@ -170,9 +165,9 @@ def sum_grads_over_sequence_shards(x: torch.Tensor, plan: ParallelPlan) -> torch
     Use it where a per-sample tensor (AdaLN modulation) meets sequence-split tokens: each TP
     rank's gradient then covers only its tokens, and the sum restores the full gradient.
     """
-    if plan.sp_size == 1:
+    if plan.sequence_parallel_size == 1:
         return x
-    return mappings.copy_to_tensor_model_parallel_region(x, group=plan.tp_group)
+    return mappings.copy_to_tensor_model_parallel_region(x, group=plan.tensor_parallel_group)
 
 
 def mark_sequence_parallel_params(module: torch.nn.Module, plan: ParallelPlan) -> None:
@@ -188,22 +183,22 @@ def mark_sequence_parallel_params(module: torch.nn.Module, plan: ParallelPlan) -
 
 def ulysses_seq_to_head(x_SBhd: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """[S/cp, B, h, d] -> [S, B, h/cp, d]: gather the sequence, scatter the heads."""
-    if plan.cp_size == 1:
+    if plan.context_parallel == 1:
         return x_SBhd
-    cp = plan.cp_size
+    cp = plan.context_parallel
     s, b, h, d = x_SBhd.shape
     chunks = x_SBhd.reshape(s, b, cp, h // cp, d).permute(2, 0, 1, 3, 4).contiguous()
-    out = mappings.all_to_all(plan.cp_group, chunks.reshape(cp * s, b, h // cp, d))
+    out = mappings.all_to_all(plan.context_parallel_group, chunks.reshape(cp * s, b, h // cp, d))
     return out.reshape(cp * s, b, h // cp, d)
 
 
 def ulysses_head_to_seq(x_SBhd: torch.Tensor, plan: ParallelPlan) -> torch.Tensor:
     """[S, B, h/cp, d] -> [S/cp, B, h, d]: the inverse of `ulysses_seq_to_head`."""
-    if plan.cp_size == 1:
+    if plan.context_parallel == 1:
         return x_SBhd
-    cp = plan.cp_size
+    cp = plan.context_parallel
     s, b, hc, d = x_SBhd.shape
-    out = mappings.all_to_all(plan.cp_group, x_SBhd.contiguous())
+    out = mappings.all_to_all(plan.context_parallel_group, x_SBhd.contiguous())
     return out.reshape(cp, s // cp, b, hc, d).permute(1, 2, 0, 3, 4).reshape(s // cp, b, cp * hc, d)
 
 

@@ -106,27 +106,27 @@ def build_parallel_plan(cfg: ExperimentConfig) -> ParallelPlan:
     groups = ProcessGroupCollection.use_mpu_process_groups(
         required_pgs=["tp", "cp", "pp", "dp", "dp_cp", "tp_cp"]
     )
-    tp_rank, tp_size = _rank_and_size(groups.tp)
-    cp_rank, cp_size = _rank_and_size(groups.cp)
-    pp_rank, pp_size = _rank_and_size(groups.pp)
-    dp_rank, dp_size = _rank_and_size(groups.dp)
+    tensor_parallel_rank, tensor_parallel = _rank_and_size(groups.tp)
+    context_parallel_rank, context_parallel = _rank_and_size(groups.cp)
+    pipeline_parallel_rank, pipeline_parallel = _rank_and_size(groups.pp)
+    data_parallel_rank, data_parallel = _rank_and_size(groups.dp)
     return ParallelPlan(
-        tp_size=tp_size,
-        tp_rank=tp_rank,
-        cp_size=cp_size,
-        cp_rank=cp_rank,
-        pp_size=pp_size,
-        pp_rank=pp_rank,
-        vpp_size=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-        dp_size=dp_size,
-        dp_rank=dp_rank,
+        tensor_parallel=tensor_parallel,
+        tensor_parallel_rank=tensor_parallel_rank,
+        context_parallel=context_parallel,
+        context_parallel_rank=context_parallel_rank,
+        pipeline_parallel=pipeline_parallel,
+        pipeline_parallel_rank=pipeline_parallel_rank,
+        virtual_pipeline=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        data_parallel=data_parallel,
+        data_parallel_rank=data_parallel_rank,
         sequence_parallel=bool(linear_config.sequence_parallel),
-        tp_group=groups.tp,
-        cp_group=groups.cp,
-        pp_group=groups.pp,
-        dp_group=groups.dp,
-        dp_cp_group=groups.dp_cp,
-        tp_cp_group=groups.tp_cp,
+        tensor_parallel_group=groups.tp,
+        context_parallel_group=groups.cp,
+        pipeline_parallel_group=groups.pp,
+        data_parallel_group=groups.dp,
+        data_context_parallel_group=groups.dp_cp,
+        tensor_context_parallel_group=groups.tp_cp,
         groups=groups,
         linear_config=linear_config,
         conditioning_config=dataclasses.replace(
@@ -152,7 +152,7 @@ def setup_parallel(cfg: ExperimentConfig, runtime: Runtime) -> Runtime:
         parallel_state.destroy_model_parallel()
     initialize_model_parallel(cfg)
     plan = build_parallel_plan(cfg)
-    seed = cfg.training.seed + 100 * plan.pp_rank
+    seed = cfg.training.seed + 100 * plan.pipeline_parallel_rank
     seed_everything(seed)
     model_parallel_cuda_manual_seed(seed)
     runtime.plan = plan

@@ -27,18 +27,18 @@ def partition_dims(model: nn.Module) -> dict[str, int]:
 
 
 def shard_state_dict(
-    full: dict[str, torch.Tensor], dims: dict[str, int], tp_rank: int, tp_size: int
+    full: dict[str, torch.Tensor], dims: dict[str, int], tensor_parallel_rank: int, tensor_parallel: int
 ) -> dict[str, torch.Tensor]:
     """This TP rank's shard of a full state dict (contiguous chunks along each partition dim)."""
     out = {}
     for name, tensor in strip_extra_state(full).items():
-        if name in dims and tp_size > 1:
+        if name in dims and tensor_parallel > 1:
             dim = dims[name]
-            if tensor.shape[dim] % tp_size != 0:
+            if tensor.shape[dim] % tensor_parallel != 0:
                 raise ValueError(
-                    f"'{name}' has {tensor.shape[dim]} entries along dim {dim}, not divisible by TP={tp_size}"
+                    f"'{name}' has {tensor.shape[dim]} entries along dim {dim}, not divisible by TP={tensor_parallel}"
                 )
-            tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
+            tensor = tensor.chunk(tensor_parallel, dim=dim)[tensor_parallel_rank]
         out[name] = tensor.clone()
     return out
 

@@ -41,24 +41,24 @@ class Runtime:
         return self.rank == 0
 
     @property
-    def dp_rank(self) -> int:
+    def data_parallel_rank(self) -> int:
         """This rank's data-parallel replica."""
-        return self.plan.dp_rank
+        return self.plan.data_parallel_rank
 
     @property
-    def dp_size(self) -> int:
+    def data_parallel(self) -> int:
         """Data-parallel replicas."""
-        return self.plan.dp_size
+        return self.plan.data_parallel
 
     @property
-    def pp_rank(self) -> int:
+    def pipeline_parallel_rank(self) -> int:
         """This rank's pipeline stage."""
-        return self.plan.pp_rank
+        return self.plan.pipeline_parallel_rank
 
     @property
-    def pp_size(self) -> int:
+    def pipeline_parallel(self) -> int:
         """Pipeline stages."""
-        return self.plan.pp_size
+        return self.plan.pipeline_parallel
 
 
 def launcher_env() -> tuple[int, int, int, str, str]:

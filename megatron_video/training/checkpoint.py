@@ -162,11 +162,11 @@ def current_layout(plan: ParallelPlan) -> dict[str, Any]:
     """Parallel sizes of the run `plan` describes."""
     return {
         "world_size": dist.get_world_size(),
-        "tensor_parallel": plan.tp_size,
-        "pipeline_parallel": plan.pp_size,
-        "virtual_pipeline": plan.vpp_size,
-        "context_parallel": plan.cp_size,
-        "data_parallel": plan.dp_size,
+        "tensor_parallel": plan.tensor_parallel,
+        "pipeline_parallel": plan.pipeline_parallel,
+        "virtual_pipeline": plan.virtual_pipeline,
+        "context_parallel": plan.context_parallel,
+        "data_parallel": plan.data_parallel,
         "expert_parallel": 1,
     }
 
@@ -760,7 +760,7 @@ def load_checkpoint(
         train_state["rng_restored"] = True
     else:
         seed, saved_iteration = _reseed_seed(train_state), meta["iteration"]
-        reseed_rng(seed, saved_iteration, plan.dp_rank, plan.pp_rank)
+        reseed_rng(seed, saved_iteration, plan.data_parallel_rank, plan.pipeline_parallel_rank)
         train_state["rng_restored"] = False
         train_state["rng_reseeded_from"] = {"seed": seed, "iteration": saved_iteration}
         if dist.get_rank() == 0:

@@ -30,9 +30,9 @@ def gather_full_state_dict(model: torch.nn.Module, plan: ParallelPlan, tensors: 
     out = {}
     for name in sorted(local):
         t = local[name].detach().float().contiguous()
-        if name in dims and plan.tp_size > 1:
-            parts = [torch.empty_like(t) for _ in range(plan.tp_size)]
-            dist.all_gather(parts, t, group=plan.tp_group)
+        if name in dims and plan.tensor_parallel > 1:
+            parts = [torch.empty_like(t) for _ in range(plan.tensor_parallel)]
+            dist.all_gather(parts, t, group=plan.tensor_parallel_group)
             t = torch.cat(parts, dim=dims[name])
         out[name] = t.clone()
     return out
@@ -105,7 +105,7 @@ def load_full_into(
     deliberately new (the caller lists those by prefix through the returned names).
     """
     dims = partition_dims(model)
-    shard = shard_state_dict(full, dims, plan.tp_rank, plan.tp_size)
+    shard = shard_state_dict(full, dims, plan.tensor_parallel_rank, plan.tensor_parallel)
     missing, unexpected = model.load_state_dict(shard, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if strict and unexpected:

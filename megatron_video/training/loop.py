@@ -129,21 +129,21 @@ class Trainer:
 
     def __post_init__(self):
         cfg, rt = self.cfg, self.runtime
-        dist_opt = uses_distributed_optimizer(cfg.training, cfg.runtime.dtype, rt.dp_size)
+        dist_opt = uses_distributed_optimizer(cfg.training, cfg.runtime.dtype, rt.data_parallel)
         chunks = self.model if isinstance(self.model, list) else [self.model]
-        if rt.pp_size > 1 and not isinstance(self.model, list):
+        if rt.pipeline_parallel > 1 and not isinstance(self.model, list):
             raise TypeError("with pipeline parallelism the Trainer takes this rank's list of model chunks")
         self._ddp_chunks = [wrap_ddp(chunk, rt.plan, dist_opt) for chunk in chunks]
         self.ddp = self._ddp_chunks[0]
         self.optimizer, self.scheduler = build_optimizer(
-            self._ddp_chunks, cfg.training, cfg.runtime.dtype, rt.dp_size
+            self._ddp_chunks, cfg.training, cfg.runtime.dtype, rt.data_parallel
         )
         t = cfg.training
         self._ema_params = chunks[0] if len(chunks) == 1 else UniqueParameters(chunks)
         self.ema = ParamEMA(self._ema_params, t.ema_decay) if t.ema_decay is not None else None
         self.clipper = build_clipper(t.clip.mode, t.clip.max_norm, t.clip.ema_decay)
-        self.objective = build_objective(cfg, rt.dp_rank, rt.dp_size)
-        self.accumulation = t.accumulation_steps(rt.dp_size)
+        self.objective = build_objective(cfg, rt.data_parallel_rank, rt.data_parallel)
+        self.accumulation = t.accumulation_steps(rt.data_parallel)
 
     @property
     def model_chunks(self) -> list:
@@ -153,12 +153,12 @@ class Trainer:
     def train_step(self, source: BatchSource) -> dict:
         """One optimizer step over `accumulation` micro-batches; returns metrics (equal on all ranks)."""
         rt, t = self.runtime, self.cfg.training
-        cp = rt.plan.cp_size
+        cp = rt.plan.context_parallel
         for chunk in self._ddp_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = []
-        if rt.pp_size > 1:
+        if rt.pipeline_parallel > 1:
             losses = self._pipeline_micro_batches(source)
         else:
             for micro in range(self.accumulation):
@@ -183,11 +183,11 @@ class Trainer:
         self.step += 1
         self.consumed_samples += t.global_batch_size
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
-        if rt.pp_size > 1:  # only the last stage computed the loss
-            dist.broadcast(loss, src=rt.plan.pp_last_rank, group=rt.plan.pp_group)
-        dist.all_reduce(loss, group=rt.plan.dp_group)
+        if rt.pipeline_parallel > 1:  # only the last stage computed the loss
+            dist.broadcast(loss, src=rt.plan.pipeline_last_rank, group=rt.plan.pipeline_parallel_group)
+        dist.all_reduce(loss, group=rt.plan.data_parallel_group)
         return {
-            "loss": loss.item() / rt.dp_size,
+            "loss": loss.item() / rt.data_parallel,
             "grad_norm": result.grad_norm,
             "clip_threshold": result.threshold,
             "skipped_steps": self.clipper.skipped_steps,
@@ -197,7 +197,7 @@ class Trainer:
     def _generators(self, micro: int, batch: TrainBatch) -> list[torch.Generator]:
         """Per-sample generators of micro-batch `micro`, keyed by position in the global batch."""
         t = self.cfg.training
-        first = (self.runtime.dp_rank * self.accumulation + micro) * t.micro_batch_size
+        first = (self.runtime.data_parallel_rank * self.accumulation + micro) * t.micro_batch_size
         return step_generators(t.seed, self.step, range(first, first + batch.x0_BCTHW.shape[0]))
 
     def _pipeline_micro_batches(self, source: BatchSource) -> list[torch.Tensor]:
@@ -235,7 +235,7 @@ class Trainer:
 
     def _drop_abnormal_ranks(self) -> None:
         """v1.3 batch dropping: weigh each DP rank's local gradient before the reduction."""
-        group = self.runtime.plan.dp_group
+        group = self.runtime.plan.data_parallel_group
         norm = torch.tensor([local_grad_norm(self.model_chunks)], dtype=torch.float64)
         norms = [torch.zeros_like(norm) for _ in range(dist.get_world_size(group))]
         dist.all_gather(norms, norm, group=group)

@@ -46,7 +46,7 @@ def build_optimizer(
         use_distributed_optimizer=uses_distributed_optimizer(train, dtype, data_parallel_size),
         clip_grad=0.0,  # clipping is decided by our rule in `optimizer_step`
         bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
+        fp16=False,  # refused by RuntimeConfig.validate
         params_dtype=torch.float32,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)

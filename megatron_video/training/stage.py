@@ -108,7 +108,7 @@ def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVMod
         )
         return model.to(runtime.device)
 
-    if runtime.pp_size == 1:
+    if runtime.pipeline_parallel == 1:
         return make()
     from megatron_video.parallel.pipeline import build_model_chunks
 
@@ -188,7 +188,7 @@ def run_stage(
     t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
     t.logging.loss_curve_png = t.logging.loss_curve_png or str(stage_dir / "loss_curve.png")
     runtime = setup_parallel(cfg, runtime or init_distributed(cfg.runtime))
-    cfg.micro_batches_per_step(runtime.dp_size)  # the world size is known only now
+    cfg.micro_batches_per_step(runtime.data_parallel)  # the world size is known only now
     torch.manual_seed(t.seed)
 
     model = build_denoiser(cfg, runtime, task)
@@ -240,7 +240,9 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
         from megatron_video.data.feature_cache.read import CachedBatches, CachedFeatureDataset
 
         dataset = CachedFeatureDataset.from_config(cfg.features.cache_dir, cfg, cfg.features)
-        return CachedBatches(cfg, dataset, runtime.dp_rank, runtime.dp_size, task, device=runtime.device)
+        return CachedBatches(
+            cfg, dataset, runtime.data_parallel_rank, runtime.data_parallel, task, device=runtime.device
+        )
     from megatron_video.data.batches import EncodedBatches
     from megatron_video.data.dataset import VideoTextDataset
 
@@ -252,8 +254,8 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
         VideoTextDataset(cfg.data, cfg.sample_geometry),
         vae,
         text,
-        runtime.dp_rank,
-        runtime.dp_size,
+        runtime.data_parallel_rank,
+        runtime.data_parallel,
         task,
         device=runtime.device,
         encoder_group=encoder_group(cfg, runtime.plan),
@@ -262,9 +264,9 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
 
 def encoder_group(cfg: ExperimentConfig, plan: ParallelPlan):
     """The TP x CP group that shares encoding work, or None when encoder data parallel is off."""
-    if not cfg.training.encoder_data_parallel or plan.tp_size * plan.cp_size == 1:
+    if not cfg.training.encoder_data_parallel or plan.tensor_parallel * plan.context_parallel == 1:
         return None
-    return plan.tp_cp_group
+    return plan.tensor_context_parallel_group
 
 
 def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
@@ -306,9 +308,9 @@ def _export(
             names = {n for n, _ in chunk.named_parameters()}
             shadow = {k: v for k, v in trainer.ema.shadow.items() if k in names}
             ema.update(gather_full_state_dict(chunk, runtime.plan, shadow))
-    if runtime.pp_size > 1:
-        group = runtime.plan.pp_group
-        parts = [None] * runtime.pp_size
+    if runtime.pipeline_parallel > 1:
+        group = runtime.plan.pipeline_parallel_group
+        parts = [None] * runtime.pipeline_parallel
         dist.all_gather_object(parts, (raw, ema), group=group)
         raw, ema = {}, ({} if ema is not None else None)
         for part_raw, part_ema in parts:

@@ -87,7 +87,7 @@ def _run(cfg, runtime, state) -> dict:
     from megatron_video.training.loop import Trainer
 
     plan = runtime.plan
-    if runtime.pp_size > 1:
+    if runtime.pipeline_parallel > 1:
         chunks = build_model_chunks(lambda b: SUVModel(cfg.model, plan, blocks=b), cfg.model.total_layers)
     else:
         chunks = [SUVModel(cfg.model, plan)]
@@ -95,15 +95,17 @@ def _run(cfg, runtime, state) -> dict:
     for chunk in chunks:
         dims.update(partition_dims(chunk))
         own = {k: v for k, v in state.items() if k in chunk.state_dict()}
-        chunk.load_state_dict(shard_state_dict(own, dims, plan.tp_rank, plan.tp_size), strict=False)
-    trainer = Trainer(cfg, runtime, chunks if runtime.pp_size > 1 else chunks[0])
+        chunk.load_state_dict(
+            shard_state_dict(own, dims, plan.tensor_parallel_rank, plan.tensor_parallel), strict=False
+        )
+    trainer = Trainer(cfg, runtime, chunks if runtime.pipeline_parallel > 1 else chunks[0])
 
     def full(tensors):
         out = {}
         for name, t in tensors.items():
-            if name in dims and plan.tp_size > 1:
-                parts = [torch.empty_like(t) for _ in range(plan.tp_size)]
-                dist.all_gather(parts, t.contiguous(), group=plan.tp_group)
+            if name in dims and plan.tensor_parallel > 1:
+                parts = [torch.empty_like(t) for _ in range(plan.tensor_parallel)]
+                dist.all_gather(parts, t.contiguous(), group=plan.tensor_parallel_group)
                 t = torch.cat(parts, dim=dims[name])
             out[name] = t.detach().float().clone()
         return out
@@ -112,7 +114,7 @@ def _run(cfg, runtime, state) -> dict:
     trainer.before_optimizer_step = lambda tr: grads.append(
         {k: v for c in chunks for k, v in full({n: p.main_grad for n, p in c.named_parameters()}).items()}
     )
-    source = _FixedBatches(cfg, runtime.dp_rank, trainer.accumulation)
+    source = _FixedBatches(cfg, runtime.data_parallel_rank, trainer.accumulation)
     metrics = [trainer.train_step(source) for _ in range(STEPS)]
     mains = {k: v for c in chunks for k, v in full(main_params(c, trainer.optimizer)).items()}
     kinds = sorted(

@@ -40,8 +40,8 @@ def _batches(rank, world_size, data_list, encoder_dp, count):
         VideoTextDataset(cfg.data, cfg.sample_geometry),
         vae,
         text,
-        rt.dp_rank,
-        rt.dp_size,
+        rt.data_parallel_rank,
+        rt.data_parallel,
         "t2v",
         encoder_group=encoder_group(cfg, rt.plan),
     )

@@ -104,13 +104,15 @@ def _train(rank, world_size, state, layouts):
         for chunk in chunks:
             dims.update(partition_dims(chunk))
             own = {k: v for k, v in state.items() if k in chunk.state_dict()}
-            missing, _ = chunk.load_state_dict(shard_state_dict(own, dims, rt.plan.tp_rank, tp), strict=False)
+            missing, _ = chunk.load_state_dict(
+                shard_state_dict(own, dims, rt.plan.tensor_parallel_rank, tp), strict=False
+            )
             assert all(k.endswith("_extra_state") for k in missing), missing
         trainer = Trainer(cfg, rt, chunks if pp > 1 else chunks[0])
         if not layout.get("cond_allreduce", True):
             rt.plan.linear_config.has_cond_embedder = False
 
-        def full(tensors, tp=tp, group=rt.plan.tp_group, dims=dims):
+        def full(tensors, tp=tp, group=rt.plan.tensor_parallel_group, dims=dims):
             out = {}
             for name, t in tensors.items():
                 if name in dims and tp > 1:

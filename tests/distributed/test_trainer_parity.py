@@ -69,9 +69,9 @@ def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer
     rt = setup_parallel(cfg, init_distributed(cfg.runtime))
     model = build_model(cfg)
     model.load_state_dict(state, strict=False)
-    assert not partition_dims(model) or rt.plan.tp_size == 1
+    assert not partition_dims(model) or rt.plan.tensor_parallel == 1
     trainer = Trainer(cfg, rt, model)
-    source = _FixedBatches(cfg, rt.dp_rank, trainer.accumulation, micro_batch)
+    source = _FixedBatches(cfg, rt.data_parallel_rank, trainer.accumulation, micro_batch)
     grads_per_step = []
 
     def capture(tr):

@@ -94,12 +94,17 @@ class JointSkiparseAttention(nn.Module):
         cfg = plan.linear_config
         self.plan = plan
         self.head_dim = head_dim
-        self.local_heads = num_heads // plan.tp_size
+        self.local_heads = num_heads // plan.tensor_parallel
         self.context_pre_only = context_pre_only
 
         def column(out_features: int) -> ColumnParallelLinear:
             return ColumnParallelLinear(
-                dim, out_features, config=cfg, init_method=cfg.init_method, bias=bias, tp_group=plan.tp_group
+                dim,
+                out_features,
+                config=cfg,
+                init_method=cfg.init_method,
+                bias=bias,
+                tp_group=plan.tensor_parallel_group,
             )
 
         def row() -> RowParallelLinear:
@@ -111,7 +116,7 @@ class JointSkiparseAttention(nn.Module):
                 bias=bias,
                 input_is_parallel=True,
                 skip_bias_add=False,
-                tp_group=plan.tp_group,
+                tp_group=plan.tensor_parallel_group,
             )
 
         # Fused projections, rows laid out per head as [head, (q, k, v), head_dim] so that a

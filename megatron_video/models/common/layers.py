@@ -123,7 +123,7 @@ class AdaLNModulation(nn.Module):
             init_method=plan.conditioning_config.init_method,
             bias=True,
             gather_output=True,
-            tp_group=plan.tp_group,
+            tp_group=plan.tensor_parallel_group,
         )
 
     def forward(self, temb_BE: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -158,7 +158,12 @@ class FeedForward(nn.Module):
         super().__init__()
         cfg = plan.linear_config
         self.linear_fc1 = ColumnParallelLinear(
-            dim, dim * mult, config=cfg, init_method=cfg.init_method, bias=False, tp_group=plan.tp_group
+            dim,
+            dim * mult,
+            config=cfg,
+            init_method=cfg.init_method,
+            bias=False,
+            tp_group=plan.tensor_parallel_group,
         )
         self.linear_fc2 = RowParallelLinear(
             dim * mult,
@@ -168,7 +173,7 @@ class FeedForward(nn.Module):
             bias=False,
             input_is_parallel=True,
             skip_bias_add=False,
-            tp_group=plan.tp_group,
+            tp_group=plan.tensor_parallel_group,
         )
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:

@@ -377,8 +377,8 @@ class SUVModel(MegatronModule):
             c_LBD = scatter_to_sequence_parallel(c_LBD, plan)
             skips: list[tuple[torch.Tensor, torch.Tensor]] = []
         else:
-            n_video = (t // plan.cp_size) * hp * wp // plan.sp_size
-            n_text = text_BLC.shape[1] // plan.cp_size // plan.sp_size
+            n_video = (t // plan.context_parallel) * hp * wp // plan.sequence_parallel_size
+            n_text = text_BLC.shape[1] // plan.context_parallel // plan.sequence_parallel_size
             x_SBD, c_LBD, skips = unpack_stage_tensors(
                 self.input_tensor, n_video, n_text, pending_skips(cfg, self.block_range.start)
             )
@@ -413,7 +413,7 @@ class SUVModel(MegatronModule):
 
         # 5. Gather the sequence, unpatchify, gather the frames.
         x_SBD = gather_from_sequence_parallel(x_SBD, plan)
-        t_local = t // plan.cp_size
+        t_local = t // plan.context_parallel
         x = x_SBD.reshape(t_local, hp, wp, b, p, p, cfg.out_channels)
         x = torch.einsum("thwbpqc->bcthpwq", x).reshape(b, cfg.out_channels, t_local, h, w)
         return gather_frames_from_context_parallel(x, plan)

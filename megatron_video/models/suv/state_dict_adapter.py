@@ -243,12 +243,14 @@ def merge_open_sora_plan_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, 
     return out
 
 
-def split_open_sora_plan_tp(state: dict[str, torch.Tensor], tp_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split a flat released-layout state dict into `tp_size` shards."""
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
+def split_open_sora_plan_tp(
+    state: dict[str, torch.Tensor], tensor_parallel: int
+) -> list[dict[str, torch.Tensor]]:
+    """Split a flat released-layout state dict into `tensor_parallel` shards."""
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor_parallel)]
     for key, tensor in state.items():
         dim = osp_tp_split_dim(key)
-        parts = [tensor] * tp_size if dim is None else list(tensor.chunk(tp_size, dim=dim))
+        parts = [tensor] * tensor_parallel if dim is None else list(tensor.chunk(tensor_parallel, dim=dim))
         for shard, part in zip(shards, parts):
             shard[key] = part.clone()
     return shards
