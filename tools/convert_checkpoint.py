@@ -18,6 +18,9 @@ Commands (SRC, then DST; trailing `section.field=value` words override the --con
     torchrun --nproc_per_node 2 tools/convert_checkpoint.py reshard outputs/t2v/checkpoints \\
         --config examples/tiny/t2v.yaml parallel.tensor_parallel=1 parallel.sequence_parallel=false \\
         parallel.pipeline_parallel=2 --out outputs/t2v_pp2/checkpoints
+    # the state of every checkpoint under a save dir (ok / corrupt file X / incomplete / no checksums);
+    # exits 1 when the newest one is not good
+    python tools/convert_checkpoint.py verify outputs/t2v/checkpoints
     # released WF-VAE (.ckpt or diffusers folder) <-> our flat VAE export
     python tools/convert_checkpoint.py vae-osp-to-flat wfvae_888_dim32.ckpt out/vae --flavor wfvae_8x8x8_d32
     python tools/convert_checkpoint.py vae-flat-to-osp out/vae.safetensors out/wfvae_folder
@@ -47,6 +50,11 @@ from (seed, iteration, data-parallel rank, pipeline rank). `reshard` therefore l
 (model, EMA, optimizer, schedule, train state) under the target layout and reports any mismatch;
 with --out it writes that state back as a checkpoint of the target layout, at the same iteration,
 whose random streams are the reseeded ones: resuming it equals resuming the original there.
+
+Every command that reads a training checkpoint verifies it first (the checksums of
+`checkpoint_meta.json`, and every pickle in the folder through a restricted reader, so a crafted
+file is refused before anything is unpickled): given one `iter_*` folder a bad checkpoint is refused;
+given a save dir the newest good one is used, with a warning naming what is wrong with newer ones.
 """
 
 from __future__ import annotations
@@ -421,6 +429,36 @@ def reshard(args) -> Path:
     )
 
 
+def verify(args) -> int:
+    """Print the state of every checkpoint under a save dir (or of one checkpoint folder); 0 if the newest is good."""
+    from megatron_video.training.checkpoint_files import (
+        LATEST_FILE,
+        checkpoint_folders,
+        is_checkpoint_folder,
+        verify_checkpoint,
+    )
+    from megatron_video.training.safe_load import UnsafeCheckpointError, check_dist_checkpoint
+
+    src = Path(args.src)
+    folders = {0: src} if is_checkpoint_folder(src) else checkpoint_folders(src)
+    if not folders:
+        print(f"{src}: no checkpoints", flush=True)
+        return 1
+    states = {}
+    for iteration in sorted(folders, reverse=True):
+        try:
+            status = verify_checkpoint(folders[iteration], check_dist_checkpoint)
+            line = status.describe()
+        except UnsafeCheckpointError as exc:
+            status, line = None, f"{folders[iteration].name}: unsafe ({exc})"
+        states[iteration] = status
+        print(line, flush=True)
+    if (src / LATEST_FILE).is_file():
+        print(f"{LATEST_FILE}: {(src / LATEST_FILE).read_text().strip()}", flush=True)
+    newest = states[max(states)]
+    return 0 if newest is not None and newest.loadable else 1
+
+
 def vae_osp_to_flat(args) -> Path:
     from megatron_video.models.wfvae.config import WFVAEConfig
     from megatron_video.models.wfvae.state_dict_adapter import load_open_sora_plan
@@ -491,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="checkpoint directory to write for the launched layout")
     _stage_arguments(p)
     p.set_defaults(run=reshard)
+    p = sub.add_parser("verify", help="report the state of every checkpoint under a save dir")
+    p.add_argument("src", help="checkpoint directory (with `latest`) or one iter_* directory")
+    p.set_defaults(run=verify)
     p = sub.add_parser("vae-osp-to-flat", help="released WF-VAE (.ckpt or folder) -> our flat VAE export")
     p.add_argument("src")
     p.add_argument("dst")
@@ -517,6 +558,8 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     out = args.run(args)
+    if args.command == "verify":
+        return out
     _main_print(f"wrote {out}" if getattr(args, "out", True) is not None else f"{out} loads")
     return 0
 
@@ -524,9 +567,19 @@ def main(argv=None) -> int:
 def _cli() -> int:
     import torch.distributed as dist
 
+    from megatron_video.training.checkpoint_files import CheckpointIntegrityError
+    from megatron_video.training.safe_load import UnsafeCheckpointError
+
     try:
         return main()
-    except (CheckpointMismatch, ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (
+        CheckpointMismatch,
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        CheckpointIntegrityError,
+        UnsafeCheckpointError,
+    ) as e:
         print(f"convert_checkpoint: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     finally:

@@ -245,11 +245,17 @@ def main(argv=None) -> int:
     runtime = setup_parallel(cfg, init_distributed(cfg.runtime))
     groups = build_inference_groups(runtime.plan, args.cfg_parallel)
     conditioned = bool(args.image or args.video)
-    inpainting = has_inpainting_weights(args.weights)
-    if conditioned and not inpainting:
-        return _error(f"{args.weights} is a text-to-video model; --image / --video need I2V weights")
-    model = build_denoiser(cfg, runtime, "i2v" if inpainting else "t2v").eval()
-    load_weights(model, runtime, args.weights, args.raw)
+    from megatron_video.training.checkpoint_files import CheckpointIntegrityError
+    from megatron_video.training.safe_load import UnsafeCheckpointError
+
+    try:  # a checkpoint folder is verified first: a corrupt or crafted one is refused here
+        inpainting = has_inpainting_weights(args.weights)
+        if conditioned and not inpainting:
+            return _error(f"{args.weights} is a text-to-video model; --image / --video need I2V weights")
+        model = build_denoiser(cfg, runtime, "i2v" if inpainting else "t2v").eval()
+        load_weights(model, runtime, args.weights, args.raw)
+    except (CheckpointIntegrityError, UnsafeCheckpointError) as exc:
+        return _error(f"{type(exc).__name__}: {exc}")
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
     shape = latent_shape(vae, sc)

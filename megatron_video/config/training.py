@@ -103,6 +103,12 @@ class CheckpointConfig:
     init_from_ema: bool = True
     """When initialising from a checkpoint, take its EMA weights if it has them."""
 
+    strict_integrity: bool = False
+    """Resume only from the newest checkpoint: when it fails verification (a file missing, truncated
+    or changed since the save, per the checksums in checkpoint_meta.json) the run stops with an error
+    naming the file. False falls back to the newest checkpoint that verifies, with a warning naming
+    each skipped one. (init_from and the tools' explicit checkpoint folders always refuse.)"""
+
 
 @dataclass
 class LoggingConfig:
@@ -139,6 +145,12 @@ class TrainingConfig:
 
     ema_decay: float | None = 0.9999
     """EMA decay of the weights; None disables EMA."""
+
+    max_consecutive_skipped_steps: int = 20
+    """Stop the stage after this many optimizer steps in a row were skipped by the clipping rule (NaN /
+    Inf or extreme gradient norms): a checkpoint of the last good state (skipped steps leave the
+    parameters unchanged) is saved, then the run ends with an error pointing at the learning rate
+    and the data."""
 
     encoder_data_parallel: bool = False
     """Spread VAE / text encoding over the TP x CP ranks of a replica (each encodes a different
@@ -192,6 +204,10 @@ class TrainingConfig:
         if self.optimizer.warmup_steps < 0 or self.optimizer.warmup_steps > self.steps:
             raise ConfigError(
                 f"training.optimizer.warmup_steps={self.optimizer.warmup_steps} must be in [0, steps={self.steps}]"
+            )
+        if self.max_consecutive_skipped_steps < 1:
+            raise ConfigError(
+                f"training.max_consecutive_skipped_steps must be >= 1, got {self.max_consecutive_skipped_steps}"
             )
         if self.checkpoint.save_interval < 1:
             raise ConfigError("training.checkpoint.save_interval must be >= 1")

@@ -11,12 +11,17 @@ What one checkpoint holds: the model chunks (``model``, or ``model0``, ``model1`
 pipeline chunks, keyed like their ``state_dict()``) and the optimizer, both sharded so that
 dist_checkpointing reshards them across TP, PP, virtual chunks and DP (keys are global parameter
 names, never chunk positions); the EMA of every chunk's parameters under ``ema.<model key>``,
-sharded exactly like the model; the scheduler state and the loop's ``train_state`` (rank 0's, pickled); and
+sharded exactly like the model; the scheduler state and the loop's ``train_state`` (rank 0's, as a
+JSON string; older checkpoints hold it pickled and are read with a plain-builtins unpickler); and
 every rank's random streams. A checkpoint of the distributed optimizer loads into the plain one and
 back (a run that switches the distributed optimizer off at DP = 1 changes both at once).
 
-A save writes into a ``.tmp-<id>`` directory, waits for every rank, and only then rank 0 renames it
-to ``iter_<7 digits>`` and replaces ``latest`` (temp file + ``os.replace``). A crash at any point
+A save writes into a ``.tmp-<id>`` directory, waits for every rank (each flushes its files), then rank
+0 hashes every file into ``checkpoint_meta.json`` (written last, flushed with the folder), renames it
+to ``iter_<7 digits>`` and replaces ``latest`` (temp file + ``os.replace``). Every read verifies first
+(`resolve_checkpoint`): checksums, then every pickle in the folder through `safe_load` before
+torch or megatron unpickles it; a save dir falls back to its newest good checkpoint with a warning
+(unless ``strict_integrity``), an explicitly named checkpoint is refused. A crash at any point
 leaves the previous checkpoint complete and ``latest`` naming it; stale temp directories are
 ignored by the loader and removed by the next successful save.
 
@@ -60,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import uuid
 from pathlib import Path
 from typing import Any
@@ -72,14 +76,18 @@ from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.training.checkpoint_files import (
     META_FILE,
     TMP_MARKER,
+    file_entries,
+    fsync_files,
+    good_checkpoint,
     iteration_dir_name,
-    latest_checkpoint,
     prune_checkpoints,
     publish_checkpoint,
     remove_stale_temporaries,
+    write_meta_file,
 )
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.rng import capture_rng_state, reseed_rng, restore_rng_state
+from megatron_video.training.safe_load import check_dist_checkpoint, loads_plain
 
 logger = logging.getLogger(__name__)
 
@@ -102,21 +110,73 @@ class CheckpointMismatchError(ValueError):
 # -- 1. Files: names, `latest`, publishing and pruning are in checkpoint_files.py ----------------
 
 
+_VERIFIED: dict[Path, tuple] = {}
+"""Checkpoint folder -> the (name, size, mtime) of its files when this process verified it, so that a
+tool that reads the metadata and then loads hashes the files once."""
+
+
+def _signature(folder: Path) -> tuple:
+    return tuple(
+        sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    )
+
+
+def verify_on_this_rank(
+    load_dir: str | Path, iteration: int | None = None, fall_back: bool = True
+) -> Path | None:
+    """The verified checkpoint `load_dir` names (see `resolve_checkpoint`), checked by this process alone."""
+    folder = Path(load_dir).resolve()
+    if iteration is None and folder in _VERIFIED and _VERIFIED[folder] == _signature(folder):
+        return Path(load_dir)
+    path = good_checkpoint(load_dir, iteration, fall_back, extra_check=check_dist_checkpoint)
+    if path is not None:
+        _VERIFIED[path.resolve()] = _signature(path)
+    return path
+
+
+def resolve_checkpoint(
+    load_dir: str | Path, iteration: int | None = None, fall_back: bool = True
+) -> Path | None:
+    """The checkpoint to read from `load_dir`, verified before anything unpickles it; None if none.
+
+    One checkpoint folder (or `iteration`'s) that fails verification is refused; a save dir gives
+    its newest good checkpoint, with a warning naming each skipped one's fault (`fall_back`, else
+    CheckpointIntegrityError). Verification: every file against the checksums of META_FILE, then
+    every pickle in the folder through `safe_load` (UnsafeCheckpointError refuses, always). With a
+    process group, rank 0 verifies and every rank gets its answer (collective).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return verify_on_this_rank(load_dir, iteration, fall_back)
+    outcome: Any = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", verify_on_this_rank(load_dir, iteration, fall_back))
+        except Exception as exc:
+            outcome = ("error", exc)
+    outcome = _broadcast_from_rank0(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def _read_meta(path: Path) -> dict:
+    meta = json.loads((path / META_FILE).read_text())
+    meta.pop("checksums", None)
+    meta["path"] = str(path)
+    return meta
+
+
 def read_checkpoint_metadata(path: str | Path) -> dict:
-    """Metadata of a checkpoint directory (or of the latest checkpoint of a save directory).
+    """Metadata of a checkpoint directory (or of the newest good checkpoint of a save directory), verified.
 
     Keys: iteration, layout (the parallel sizes it was saved with), optimizer, model (class and
     config), config (the snapshot given as train_state["config"], or None), has_ema, format.
+    Reads on this process alone (no collective); CheckpointIntegrityError as `resolve_checkpoint`.
     """
-    path = Path(path)
-    if not (path / META_FILE).is_file():
-        resolved = latest_checkpoint(path)
-        if resolved is None:
-            raise FileNotFoundError(f"no checkpoint at {path} (no {META_FILE}, no complete iter_* inside)")
-        path = resolved
-    meta = json.loads((path / META_FILE).read_text())
-    meta["path"] = str(path)
-    return meta
+    resolved = verify_on_this_rank(path)
+    if resolved is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (no {META_FILE}, no complete iter_* inside)")
+    return _read_meta(resolved)
 
 
 def checkpoint_weights(load_dir: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
@@ -128,7 +188,10 @@ def checkpoint_weights(load_dir: str | Path, use_ema: bool = True) -> tuple[dict
     """
     from megatron.core import dist_checkpointing
 
-    meta = read_checkpoint_metadata(load_dir)
+    resolved = resolve_checkpoint(load_dir, fall_back=False)
+    if resolved is None:
+        raise FileNotFoundError(f"no checkpoint at {load_dir} (no {META_FILE}, no complete iter_* inside)")
+    meta = _read_meta(resolved)
     path = meta["path"]
     ema = use_ema and meta.get("has_ema", False)
     wanted = {}
@@ -570,8 +633,8 @@ def save_checkpoint(
     """Save a checkpoint of iteration `iteration` on every rank (collective); return its directory.
 
     model_chunks: the Megatron-DDP-wrapped model chunks; optimizer: what get_megatron_optimizer
-    returned (or None); scheduler: an OptimizerParamScheduler (or None); train_state: a picklable
-    dict from the loop (rank 0's is saved; "config" in it is also written to the metadata file);
+    returned (or None); scheduler: an OptimizerParamScheduler (or None); train_state: a
+    JSON-serialisable dict from the loop (rank 0's is saved; "config" in it is also written to the metadata file);
     keep_last: delete all but the newest `keep_last` checkpoints after this one is published.
     """
     from megatron.core import dist_checkpointing
@@ -594,9 +657,18 @@ def save_checkpoint(
         _init_torch_adam_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, is_loading=False)
     state["iteration"] = iteration
-    state["train_state"] = pickle.dumps(train_state)  # bytes: torch.load(weights_only) reads them
+    state["train_state"] = _train_state_json(train_state)  # a string: nothing to unpickle at load
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     dist_checkpointing.save(state, str(tmp))
+
+    # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp'); rank 0 then
+    # flushes and hashes the rest and writes META_FILE last, with every checksum (write_meta_file).
+    def own(name: str) -> bool:
+        return name.startswith(f"__{rank}_")
+
+    fsync_files(tmp, only=own)
+    hashed = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(file_entries(tmp, only=own), hashed, dst=0)
     if rank == 0:
         meta = {
             "format": FORMAT,
@@ -608,7 +680,7 @@ def save_checkpoint(
             "has_scheduler": scheduler is not None,
             "config": _jsonable(train_state.get("config")),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta_file(tmp, meta, {name: entry for part in hashed for name, entry in part.items()})
     restore_rng_state(rng_before_save)
     dist.barrier()
 
@@ -639,16 +711,39 @@ def _publish(save_dir: Path, tmp: Path, iteration: int) -> Path:
     return publish_checkpoint(save_dir, tmp, iteration)
 
 
-def _resolve(load_dir: str | Path, iteration: int | None) -> Path | None:
-    load_dir = Path(load_dir)
-    if (load_dir / META_FILE).is_file():
-        return load_dir
-    if iteration is None:
-        return latest_checkpoint(load_dir)
-    path = load_dir / iteration_dir_name(iteration)
-    if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"no complete checkpoint for iteration {iteration} at {path}")
-    return path
+_CONFIG_TAG = "__experiment_config__"
+"""Marks an ExperimentConfig inside a JSON train_state (the one object besides plain data it may hold)."""
+
+
+def _encode_config(value: Any) -> Any:
+    from megatron_video.config.loader import to_dict
+    from megatron_video.config.schema import ExperimentConfig
+
+    if isinstance(value, ExperimentConfig):
+        return {_CONFIG_TAG: to_dict(value)}
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _decode_config(value: dict) -> Any:
+    from megatron_video.config.loader import from_dict
+    from megatron_video.config.schema import ExperimentConfig
+
+    return from_dict(ExperimentConfig, value[_CONFIG_TAG]) if set(value) == {_CONFIG_TAG} else value
+
+
+def _train_state_json(train_state: dict) -> str:
+    """JSON of a train_state: plain data, and an ExperimentConfig (tagged; rebuilt by from_dict)."""
+    try:
+        return json.dumps(train_state, default=_encode_config)
+    except TypeError as exc:
+        raise TypeError(f"the train_state of a checkpoint must be JSON-serialisable: {exc}") from None
+
+
+def _read_train_state(value: Any, path: Path) -> dict:
+    """The saved train_state: JSON, or (checkpoints before JSON) a pickle of plain builtins only."""
+    if isinstance(value, bytes):
+        return dict(loads_plain(value, f"{path} (train_state)"))
+    return dict(json.loads(value, object_hook=_decode_config))
 
 
 def _request_moments_only(state: dict, num_chunks: int) -> dict[int, torch.Tensor]:
@@ -682,11 +777,15 @@ def load_checkpoint(
     iteration: int | None = None,
     load_optimizer: bool = True,
     strict: bool = True,
+    strict_integrity: bool = False,
 ) -> dict | None:
     """Load a checkpoint into the given objects on every rank (collective); return its train_state.
 
     load_dir: a save directory (its `latest` checkpoint, or `iteration`'s) or one checkpoint
-    directory. Returns None when there is no checkpoint. With load_optimizer=False neither the
+    directory. Returns None when there is no checkpoint. The checkpoint is verified first
+    (`resolve_checkpoint`): a save directory whose newest checkpoint fails falls back to the newest
+    good one with a warning, or raises CheckpointIntegrityError with `strict_integrity`; one named
+    checkpoint that fails is refused. With load_optimizer=False neither the
     optimizer nor the scheduler is restored (the optimizer's main parameters follow the loaded
     model). The parallel layout may differ from the saved one (dist_checkpointing reshards); the
     model geometry may not (CheckpointMismatchError names the field). The returned train_state has
@@ -697,10 +796,10 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    path = _resolve(load_dir, iteration)
+    path = resolve_checkpoint(load_dir, iteration, fall_back=not strict_integrity)
     if path is None:
         return None
-    meta = read_checkpoint_metadata(path)
+    meta = _read_meta(path)
     wanted_optimizer = optimizer if load_optimizer else None
     _check_compatible(meta, model_chunks, wanted_optimizer, ema, strict)
     load_ema = ema is not None and meta["has_ema"]
@@ -754,7 +853,7 @@ def load_checkpoint(
                     if id(p) in names:
                         ema.shadow[names[id(p)]].copy_(p.detach().float())
 
-    train_state = dict(pickle.loads(loaded["train_state"]))
+    train_state = _read_train_state(loaded["train_state"], path)
     if same_layout:
         restore_rng_state(loaded["rng_state"])
         train_state["rng_restored"] = True

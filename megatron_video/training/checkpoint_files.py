@@ -13,16 +13,25 @@ and replaces `latest` (temp file, fsync, `os.replace`). A crash at any point lea
 checkpoint complete and `latest` naming it; `remove_stale_temporaries` clears what interrupted saves
 left, `prune_checkpoints` keeps the newest few. Every function here runs on one rank and uses no
 process group.
+
+Integrity: `write_meta_file` records the size and blake2b digest of every other file of the folder
+in META_FILE (`checksums`) and flushes files and folder before the rename. `verify_checkpoint` gives a
+folder's state (ok / corrupt / incomplete / no checksums, the last for checkpoints written before
+checksums existed); `good_checkpoint` picks the newest one that verifies, falling back over bad ones
+with a warning naming the file, or refusing where the caller asked for exactly one checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -165,3 +174,202 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[int]:
         shutil.rmtree(doomed, ignore_errors=True)
         pruned.append(iteration)
     return pruned
+
+
+# -- integrity: checksums at save, verification at load ---------------------------------------------
+
+CHECKSUM_ALGORITHM = "blake2b"
+_CHUNK_BYTES = 8 << 20
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint that fails verification (or a save dir without one that does); names file and fault."""
+
+
+def file_checksum(path: str | Path) -> str:
+    """blake2b hex digest of a file, read in 8 MiB chunks."""
+    digest = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != META_FILE
+    )
+
+
+def fsync_files(folder: str | Path, only: Callable[[str], bool] | None = None) -> None:
+    """Flush the files under `folder` (those whose relative path `only` accepts) and its folders."""
+    folder = Path(folder)
+    for path in _data_files(folder):
+        if only is None or only(path.relative_to(folder).as_posix()):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(sub)
+    fsync_dir(folder)
+
+
+def file_entries(folder: str | Path, only: Callable[[str], bool] | None = None) -> dict[str, dict]:
+    """Relative path -> {"size", "digest"} of the files under `folder` that `only` accepts (all by default)."""
+    folder = Path(folder)
+    entries = {}
+    for path in _data_files(folder):
+        name = path.relative_to(folder).as_posix()
+        if only is None or only(name):
+            entries[name] = {"size": path.stat().st_size, "digest": file_checksum(path)}
+    return entries
+
+
+def write_meta_file(folder: str | Path, meta: dict, hashed: dict[str, dict] | None = None) -> dict:
+    """Hash every file of `folder`, write META_FILE with the checksums, and flush it all to disk.
+
+    `hashed`: entries (`file_entries`) other ranks computed for the files they wrote; the rest are
+    hashed here. Call it last, when every rank's files exist: META_FILE marks the folder complete.
+    """
+    folder = Path(folder)
+    hashed = dict(hashed or {})
+    meta = dict(meta)
+    meta["checksum_algorithm"] = CHECKSUM_ALGORITHM
+    meta["checksums"] = {**file_entries(folder, only=lambda name: name not in hashed), **hashed}
+    fsync_files(folder)
+    write_synced(folder / META_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    fsync_dir(folder)
+    return meta
+
+
+@dataclass
+class CheckpointStatus:
+    """What `verify_checkpoint` found: state is 'ok', 'no checksums', 'corrupt' or 'incomplete'."""
+
+    path: Path
+    state: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def loadable(self) -> bool:
+        """ok, or written before checksums existed (loaded with a warning)."""
+        return self.state in ("ok", "no checksums")
+
+    def describe(self) -> str:
+        """'iter_0000100: corrupt (__0_0.distcp: checksum mismatch)'."""
+        detail = f" ({'; '.join(self.problems)})" if self.problems else ""
+        return f"{self.path.name}: {self.state}{detail}"
+
+
+def verify_checkpoint(
+    folder: str | Path, extra_check: Callable[[Path], list[str]] | None = None
+) -> CheckpointStatus:
+    """Check every file of a checkpoint folder against META_FILE's checksums (then `extra_check`).
+
+    `extra_check(folder)` returns problems of the payload (a format-specific reader's check); it may
+    raise to refuse a folder outright. A folder without META_FILE is incomplete.
+    """
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        return CheckpointStatus(folder, "incomplete", [f"{META_FILE}: missing (the save did not finish)"])
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return CheckpointStatus(folder, "corrupt", [f"{META_FILE}: unreadable ({exc})"])
+    problems = []
+    checksums = meta.get("checksums") if isinstance(meta, dict) else None
+    if isinstance(checksums, dict):
+        for name, expected in sorted(checksums.items()):
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif path.stat().st_size != expected["size"]:
+                problems.append(
+                    f"{name}: {path.stat().st_size} bytes, {expected['size']} written (truncated or altered)"
+                )
+            elif file_checksum(path) != expected["digest"]:
+                problems.append(f"{name}: checksum mismatch (the content changed after the save)")
+    if not problems and extra_check is not None:
+        problems = extra_check(folder)
+    if problems:
+        return CheckpointStatus(folder, "corrupt", problems)
+    return CheckpointStatus(folder, "ok" if isinstance(checksums, dict) else "no checksums")
+
+
+def checkpoint_folders(save_dir: str | Path) -> dict[int, Path]:
+    """Every iter_<n> folder under save_dir by iteration, complete or not (temporaries excluded)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return {}
+    found = {}
+    for entry in save_dir.iterdir():
+        match = _ITER_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found[int(match.group(1))] = entry
+    return found
+
+
+def is_checkpoint_folder(path: str | Path) -> bool:
+    """Whether `path` names one checkpoint (an iter_<n> folder, or any folder holding META_FILE)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or bool(_ITER_DIR.match(path.name))
+
+
+def _checked(status: CheckpointStatus) -> Path:
+    if status.state == "no checksums":
+        logger.warning(
+            "checkpoint %s has no checksums (written before they existed): loading it unverified", status.path
+        )
+    return status.path
+
+
+def good_checkpoint(
+    load_dir: str | Path,
+    iteration: int | None = None,
+    fall_back: bool = True,
+    extra_check: Callable[[Path], list[str]] | None = None,
+) -> Path | None:
+    """The checkpoint to load from `load_dir`, verified; None when the save dir holds none.
+
+    One checkpoint folder (or `iteration`'s) is taken or refused: CheckpointIntegrityError names the
+    file and the fault. A save dir gives the one `latest` names when it verifies; otherwise, with
+    `fall_back`, the newest one that does, after a warning naming what is wrong with each skipped
+    one (without `fall_back`, or when none verifies, CheckpointIntegrityError).
+    """
+    load_dir = Path(load_dir)
+    if iteration is not None and not is_checkpoint_folder(load_dir):
+        load_dir = load_dir / iteration_dir_name(iteration)
+        if not load_dir.is_dir():
+            raise FileNotFoundError(f"no checkpoint for iteration {iteration} at {load_dir}")
+    if is_checkpoint_folder(load_dir):
+        status = verify_checkpoint(load_dir, extra_check)
+        if not status.loadable:
+            raise CheckpointIntegrityError(f"checkpoint {load_dir} cannot be trusted: {status.describe()}")
+        return _checked(status)
+    complete = complete_checkpoints(load_dir)
+    if not complete:
+        return None
+    first = latest_checkpoint(load_dir)
+    order = [first] + [complete[i] for i in sorted(complete, reverse=True) if complete[i] != first]
+    bad = []
+    for path in order:
+        status = verify_checkpoint(path, extra_check)
+        if status.loadable:
+            if bad:
+                logger.warning(
+                    "CHECKPOINT INTEGRITY: skipping %s; loading the newest good checkpoint %s instead",
+                    ", ".join(s.describe() for s in bad),
+                    path,
+                )
+            return _checked(status)
+        bad.append(status)
+        if not fall_back:
+            raise CheckpointIntegrityError(
+                f"the newest checkpoint under {load_dir} cannot be trusted: {status.describe()}; "
+                "training.checkpoint.strict_integrity is set, so no older one is loaded instead"
+            )
+    raise CheckpointIntegrityError(
+        f"no checkpoint under {load_dir} verifies: " + "; ".join(s.describe() for s in bad)
+    )

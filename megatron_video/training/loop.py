@@ -124,6 +124,8 @@ class Trainer:
     objective: Any = field(init=False)
     step: int = 0
     consumed_samples: int = 0
+    consecutive_skipped_steps: int = 0
+    """Optimizer steps skipped in a row by the clipping rule, up to the last one (0 after a taken step)."""
     before_optimizer_step: Callable[[Trainer], None] | None = None
     """Test hook called with gradients reduced and before the clipping decision."""
 
@@ -176,6 +178,7 @@ class Trainer:
         if self.before_optimizer_step is not None:
             self.before_optimizer_step(self)
         result = optimizer_step(self.optimizer, self.clipper)
+        self.consecutive_skipped_steps = self.consecutive_skipped_steps + 1 if result.action == "skip" else 0
         if result.action != "skip":
             self.scheduler.step(increment=t.global_batch_size)
             if self.ema is not None:

@@ -48,6 +48,10 @@ from megatron_video.training.metrics import MetricsLogger, model_flops_per_sampl
 logger = logging.getLogger(__name__)
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many optimizer steps in a row were skipped (training.max_consecutive_skipped_steps)."""
+
+
 # -- frozen encoders ------------------------------------------------------------------------------
 
 
@@ -201,7 +205,12 @@ def run_stage(
 
     if has_checkpoint:
         state = ckpt.load_checkpoint(
-            resume_dir, trainer.model_chunks, trainer.optimizer, trainer.scheduler, trainer.ema
+            resume_dir,
+            trainer.model_chunks,
+            trainer.optimizer,
+            trainer.scheduler,
+            trainer.ema,
+            strict_integrity=t.checkpoint.strict_integrity,
         )
         trainer.load_train_state(state)
         batches.load_state_dict(state["data"])
@@ -220,8 +229,22 @@ def run_stage(
             losses.append(metrics["loss"])
             log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
             stopping = stop.agreed()
-            if trainer.step % t.checkpoint.save_interval == 0 or trainer.step == t.steps or stopping:
+            diverged = trainer.consecutive_skipped_steps >= t.max_consecutive_skipped_steps
+            if (
+                trainer.step % t.checkpoint.save_interval == 0
+                or trainer.step == t.steps
+                or stopping
+                or diverged
+            ):
                 _save(trainer, batches, runtime, cfg)
+            if diverged:
+                raise TrainingDivergedError(
+                    f"{trainer.consecutive_skipped_steps} optimizer steps in a row were skipped (NaN / Inf or "
+                    f"extreme gradient norms; training.max_consecutive_skipped_steps="
+                    f"{t.max_consecutive_skipped_steps}), up to step {trainer.step}. The parameters are those of "
+                    f"the last good step, saved in {t.checkpoint.save_dir}. Lower the learning rate "
+                    "(training.optimizer.lr, warmup_steps) or check the data (NaN / broken samples) before resuming"
+                )
             if stopping:
                 if runtime.is_main:
                     print(f"SIGTERM: saved step {trainer.step} and stopping", flush=True)

@@ -48,14 +48,13 @@ from megatron_video.data.batches import step_generators
 from megatron_video.models.wfvae.model import WFVAE, DiagonalGaussian
 from megatron_video.platform.launch import seed_everything
 from megatron_video.training.checkpoint_files import (
-    META_FILE,
-    fsync_dir,
+    good_checkpoint,
     iteration_dir_name,
-    latest_checkpoint,
     prune_checkpoints,
     publish_checkpoint,
     remove_stale_temporaries,
     temporary_dir_name,
+    write_meta_file,
     write_synced,
 )
 from megatron_video.training.ema import ParamEMA
@@ -150,7 +149,9 @@ def training_state_file(path: str | Path) -> Path | None:
     folder (its `latest`), or the STATE_FILE itself; None when it is none of these."""
     path = Path(path)
     if path.is_dir():
-        folder = path if (path / META_FILE).is_file() else latest_checkpoint(path)
+        # Verified against its checksums: a save dir falls back over bad checkpoints with a warning,
+        # one named checkpoint folder that fails is refused (CheckpointIntegrityError).
+        folder = good_checkpoint(path)
         if folder is not None and (folder / STATE_FILE).is_file():
             return folder / STATE_FILE
         return None
@@ -343,8 +344,7 @@ class VAETrainer:
                 "has_ema": self.ema is not None,
                 "has_discriminator": self.discriminator is not None,
             }
-            write_synced(tmp / META_FILE, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
-            fsync_dir(tmp)
+            write_meta_file(tmp, meta)  # with the state file's checksum; flushed with the folder
             publish_checkpoint(save_dir, tmp, self.step)
             remove_stale_temporaries(save_dir)
             prune_checkpoints(save_dir, keep_last)
