@@ -21,6 +21,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 DCP_METADATA_FILE = ".metadata"
@@ -105,11 +106,24 @@ def load_dcp_metadata(path: str | Path):
         return _RestrictedUnpickler(f, str(path), _dcp).load()
 
 
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+_NUMPY_ARRAY_GLOBALS = [
+    _NUMPY_CORE.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+"""What a pickled NumPy uint32 array needs: our RNG snapshots hold NumPy's generator state. Admitted
+explicitly here, whether or not megatron.core (which registers them process-wide) was imported."""
+
+
 def load_weights_only(source: str | Path | bytes, where: str) -> Any:
-    """torch.load(weights_only=True) of `source`; UnsafeCheckpointError when it holds other objects."""
+    """torch.load(weights_only=True) of `source` (NumPy uint32 arrays admitted); UnsafeCheckpointError
+    when it holds other objects."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        return torch.load(stream, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # what the weights-only unpickler raises for a foreign global
         if "weights only" not in str(exc).lower():
             raise

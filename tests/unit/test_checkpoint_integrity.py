@@ -179,6 +179,22 @@ def test_verify_reports_incomplete_and_unchecked_checkpoints(saved, capsys):
     assert "iter_0000002: incomplete" in out and "iter_0000001: no checksums" in out
 
 
+def test_verify_in_a_fresh_process_accepts_a_good_checkpoint(saved):
+    """The tool's check must not depend on megatron.core having registered NumPy's array classes."""
+    import subprocess
+    import sys
+
+    save_dir, _ = saved
+    done = subprocess.run(
+        [sys.executable, str(TOOLS / "convert_checkpoint.py"), "verify", str(save_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "iter_0000002: ok" in done.stdout and "unsafe" not in done.stdout
+
+
 def test_checkpoint_without_checksums_and_pickled_train_state_loads_with_warning(saved, caplog, capsys):
     """What checkpoints written before this change look like: no checksums, train_state pickled."""
     save_dir, weights = saved
