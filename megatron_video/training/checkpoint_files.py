@@ -80,15 +80,7 @@ def write_synced(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
 
 def complete_checkpoints(save_dir: str | Path) -> dict[int, Path]:
     """Published checkpoints under save_dir by iteration (temp directories excluded)."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return {}
-    found = {}
-    for entry in save_dir.iterdir():
-        match = _ITER_DIR.match(entry.name)
-        if match and (entry / META_FILE).is_file():
-            found[int(match.group(1))] = entry
-    return found
+    return {i: folder for i, folder in checkpoint_folders(save_dir).items() if (folder / META_FILE).is_file()}
 
 
 def _read_latest(save_dir: Path) -> int | None:
