@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,13 +90,21 @@ class CheckpointConfig:
     """Directory of this run's checkpoints (iter_XXXXXXX folders and a `latest` pointer)."""
 
     save_interval: int = 1000
-    """Save every N steps (and at the end, and on SIGTERM)."""
+    """Save every N steps (and at the end, and on a pre-emption signal)."""
 
     keep_last: int | None = 3
     """Keep the newest N checkpoints; None keeps all."""
 
     load_dir: str | None = None
-    """Resume from this directory's latest checkpoint; None resumes from `save_dir` if it has one."""
+    """Start from this save directory's latest checkpoint, or from one checkpoint folder
+    (`iter_XXXXXXX`), with its optimizer and data position. Used only while `save_dir` holds no
+    checkpoint: once this run has saved, it resumes from its own (a re-run after a pre-emption
+    continues, and another run's checkpoints in `save_dir` are never pruned away unread). A path that
+    does not exist or holds no checkpoint is an error before launch."""
+
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals that mean "pre-empted": the step in flight finishes, a checkpoint of it is saved, and
+    the run exits with code 0 (megatron_video/training/preemption.py)."""
 
     init_from: str | None = None
     """Start a new stage from these weights (a checkpoint directory or a safetensors file)."""
@@ -108,6 +117,19 @@ class CheckpointConfig:
     or changed since the save, per the checksums in checkpoint_meta.json) the run stops with an error
     naming the file. False falls back to the newest checkpoint that verifies, with a warning naming
     each skipped one. (init_from and the tools' explicit checkpoint folders always refuse.)"""
+
+    def preemption_signal_numbers(self) -> list[signal.Signals]:
+        """The pre-emption signals as numbers; ConfigError naming one that cannot be caught."""
+        out = []
+        for name in self.preemption_signals:
+            number = getattr(signal, name, None) if str(name).startswith("SIG") else None
+            if not isinstance(number, signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(
+                    f"training.checkpoint.preemption_signals: {name!r} is not a signal that can be caught; "
+                    "use names such as SIGTERM, SIGINT, SIGUSR1"
+                )
+            out.append(number)
+        return out
 
 
 @dataclass
@@ -211,5 +233,6 @@ class TrainingConfig:
             )
         if self.checkpoint.save_interval < 1:
             raise ConfigError("training.checkpoint.save_interval must be >= 1")
+        self.checkpoint.preemption_signal_numbers()
         if self.logging.log_interval < 1:
             raise ConfigError("training.logging.log_interval must be >= 1")

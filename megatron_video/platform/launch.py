@@ -119,7 +119,11 @@ def select_device(name: str, local_rank: int) -> torch.device:
 
 def init_distributed(runtime_cfg: RuntimeConfig) -> Runtime:
     """Start (or join) the default process group for the launcher's world, on the device
-    `runtime_cfg.device` names, with `runtime_cfg.distributed_timeout_s` for collectives."""
+    `runtime_cfg.device` names, with `runtime_cfg.distributed_timeout_s` for collectives. A torchrun
+    worker also starts the watchdog that ends it when torchrun dies (platform/processes.py)."""
+    from megatron_video.platform.processes import exit_with_launcher
+
+    exit_with_launcher()
     rank, world, local_rank, addr, port = launcher_env()
     if dist.is_initialized():  # started by the caller (tests, notebooks): take its world
         rank, world = dist.get_rank(), dist.get_world_size()

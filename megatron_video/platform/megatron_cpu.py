@@ -51,7 +51,8 @@ _device_rng = torch.Generator(device="cpu")
 # -- 1. Version check -----------------------------------------------------------------------------
 
 
-def _installed_megatron_core_version() -> str:
+def installed_megatron_core_version() -> str:
+    """The version string of the installed megatron-core."""
     try:
         return metadata.version("megatron-core")
     except metadata.PackageNotFoundError:
@@ -62,7 +63,7 @@ def _installed_megatron_core_version() -> str:
 
 def check_megatron_core_version() -> None:
     """Raise RuntimeError unless the installed megatron-core is the supported 0.16.x series."""
-    version = _installed_megatron_core_version()
+    version = installed_megatron_core_version()
     if version != SUPPORTED_MEGATRON_CORE and not version.startswith(SUPPORTED_MEGATRON_CORE + "."):
         raise RuntimeError(
             f"megatron_video's CPU adaptation supports megatron-core {SUPPORTED_MEGATRON_CORE}.x, "

@@ -23,36 +23,16 @@ to ``iter_<7 digits>`` and replaces ``latest`` (temp file + ``os.replace``). Eve
 torch or megatron unpickles it; a save dir falls back to its newest good checkpoint with a warning
 (unless ``strict_integrity``), an explicitly named checkpoint is refused. A crash at any point
 leaves the previous checkpoint complete and ``latest`` naming it; stale temp directories are
-ignored by the loader and removed by the next successful save.
+ignored by the loader and removed before the next save, which first checks
+that the disk has room for a checkpoint as large as the last one.
 
 Resuming on the layout the checkpoint was saved with is bit-exact, random streams included. On a
 different layout the random streams cannot be restored (they belong to ranks that no longer exist):
 every rank is reseeded from (seed, iteration, data-parallel rank, pipeline rank) and the returned
 train_state says ``rng_restored = False``.
 
-The distributed optimizer on torch Adam (megatron's fallback without TransformerEngine or apex, so
-every CPU run) cannot save or resume through megatron alone (``reference/megatron_on_cpu.md``,
-trap 2). Megatron's code assumes a fused Adam that keeps ``step`` in the param groups, but torch
-Adam keeps a ``step`` tensor per parameter:
-
-1. ``DistributedOptimizer.state_dict()`` asserts ``len(steps) == 1`` (distrib_optimizer.py:642)
-   and so fails on an optimizer that has not stepped yet, which is every optimizer about to load;
-2. its ``load_state_dict`` writes ONE shared ``step`` tensor into every parameter's state, and
-   torch's ``Optimizer.load_state_dict`` keeps ``step`` uncopied, so after a resume each
-   ``optimizer.step()`` adds 1 to that tensor once per parameter: bias correction goes wrong and
-   the loss departs from the uninterrupted run;
-3. ``_set_main_param_and_optimizer_states`` copies every key of the live state, ``step`` included,
-   from the loaded tensors, which never carry ``step`` (every resharding format drops it):
-   ``KeyError: 'step'`` for ``fully_reshardable``, ``fully_sharded_model_space`` and
-   ``dp_zero_gather_scatter``.
-
-Here (composition only, megatron unchanged): before a sharded state dict is built, an optimizer
-that has not stepped gets the state torch Adam would create at its first step (step 0, zero
-moments), which is numerically the same thing; on load, the param-group part (lr, betas, the common
-step) goes through megatron's ``load_state_dict``, the ``step`` entries are set aside while
-megatron's public ``load_parameter_state_from_<format>`` fills main parameters and moments, and
-each parameter then gets its own copy of the step. A TransformerEngine / apex fused Adam is left to
-megatron unchanged.
+The distributed optimizer on torch Adam needs help to save and resume (trap 2 of
+``reference/megatron_on_cpu.md``); that help lives in `optimizer_state.py`.
 
 Two more megatron behaviours are worked around here: ``OptimizerParamScheduler.load_state_dict``
 adds the saved step count to the current one (right only for a fresh scheduler), and the generic
@@ -63,9 +43,10 @@ replicated (see `model_sharded_state_dict`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
-import uuid
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +56,30 @@ import torch.distributed as dist
 from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.training.checkpoint_files import (
     META_FILE,
-    TMP_MARKER,
+    CheckpointSpaceError,
+    check_free_space,
+    describe_write_error,
     file_entries,
     fsync_files,
     good_checkpoint,
+    is_out_of_space,
     iteration_dir_name,
     prune_checkpoints,
     publish_checkpoint,
     remove_stale_temporaries,
+    temporary_dir_name,
     write_meta_file,
 )
 from megatron_video.training.ema import ParamEMA
+from megatron_video.training.optimizer_state import (
+    CheckpointMismatchError,
+    init_torch_adam_state,
+    load_distributed_from_plain,
+    load_optimizer_state,
+    load_plain_from_distributed,
+    optimizer_parts,
+    untie_steps,
+)
 from megatron_video.training.rng import capture_rng_state, reseed_rng, restore_rng_state
 from megatron_video.training.safe_load import check_dist_checkpoint, loads_plain
 
@@ -101,10 +95,6 @@ non-memory-efficient variant), so every rank briefly holds its model-parallel sh
 
 MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
 """Model config fields that do not change the saved tensors; every other field must match."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that cannot be loaded into the current model or optimizer; names what differs."""
 
 
 # -- 1. Files: names, `latest`, publishing and pruning are in checkpoint_files.py ----------------
@@ -250,14 +240,10 @@ def _describe_model(model_chunks: list) -> dict[str, Any]:
     }
 
 
-def _optimizer_parts(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer import DistributedOptimizer
 
-    return any(isinstance(part, DistributedOptimizer) for part in _optimizer_parts(optimizer))
+    return any(isinstance(part, DistributedOptimizer) for part in optimizer_parts(optimizer))
 
 
 def _describe_optimizer(optimizer) -> dict[str, Any] | None:
@@ -267,7 +253,7 @@ def _describe_optimizer(optimizer) -> dict[str, Any] | None:
     return {
         "distributed": distributed,
         "sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING if distributed else None,
-        "parts": [_optimizer_kind(part) for part in _optimizer_parts(optimizer)],
+        "parts": [_optimizer_kind(part) for part in optimizer_parts(optimizer)],
     }
 
 
@@ -289,7 +275,7 @@ def _optimizer_conversion(saved: dict, optimizer) -> str | None:
     moments 'optimizer.state.<exp_avg|exp_avg_sq>.<model key>' with the model's shapes; only the
     non-tensor part (param groups, step) and the distributed optimizer's fp32 'param' differ.
     """
-    current = [_optimizer_kind(part) for part in _optimizer_parts(optimizer)]
+    current = [_optimizer_kind(part) for part in optimizer_parts(optimizer)]
     saved_parts = saved.get("parts", [])
     if saved["distributed"] == _is_distributed(optimizer):
         return None
@@ -349,161 +335,6 @@ def _check_compatible(meta: dict, model_chunks: list, optimizer, ema, strict: bo
             f"checkpoint {where} has no EMA weights; pass ema=None, or strict=False to start the "
             "EMA from the loaded weights"
         )
-
-
-# -- 3. Torch Adam state under megatron's optimizers ----------------------------------------------
-
-
-def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
-    inner = [getattr(part, "optimizer", None) for part in _optimizer_parts(optimizer)]
-    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
-
-
-def _init_torch_adam_state(optimizer) -> None:
-    """Give a torch Adam that has not stepped the state its first step would create (step 0, zeros).
-
-    Megatron's DistributedOptimizer.state_dict() needs a per-parameter `step` to exist; an optimizer
-    that already has state is left alone.
-    """
-    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    for adam in _torch_adams(optimizer):
-        if any(adam.state.values()):
-            continue
-        for group in adam.param_groups:
-            on_param_device = group.get("capturable", False) or group.get("fused", False)
-            for p in group["params"]:
-                device = p.device if on_param_device else torch.device("cpu")
-                state = adam.state[p]
-                state["step"] = torch.zeros((), dtype=step_dtype, device=device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad", False):
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _untie_steps(optimizer) -> None:
-    """One `step` tensor per parameter (megatron's load shares one); a missing step means 0."""
-    for adam in _torch_adams(optimizer):
-        for state in adam.state.values():
-            if "exp_avg" in state:
-                step = state.get("step", torch.zeros((), dtype=torch.float32))
-                state["step"] = step.detach().clone()
-
-
-def _load_distributed_part(part, state: dict) -> None:
-    """DistributedOptimizer over torch Adam: megatron's load, with `step` kept out of its way."""
-    state = dict(state)
-    param_state = state.pop("param_state", None)
-    sharding_type = state.pop("param_state_sharding_type", None)
-    # Param groups (lr, betas, wd), the grad scaler, and the common step written into every state.
-    part.load_state_dict(state)
-    if param_state is None:
-        return
-    adam = part.optimizer
-    steps = {p: s.pop("step") for p, s in adam.state.items() if "step" in s}
-    loaders = {
-        "fully_reshardable": part.load_parameter_state_from_fully_reshardable,
-        "fully_sharded_model_space": part.load_parameter_state_from_fs_model_space,
-        "dp_reshardable": part.load_parameter_state_from_dp_reshardable,
-        "dp_zero_gather_scatter": part.load_parameter_state_from_dp_zero,
-    }
-    if sharding_type not in loaders:
-        raise CheckpointMismatchError(f"unknown distributed-optimizer sharding type {sharding_type!r}")
-    loaders[sharding_type](param_state)
-    for p, step in steps.items():
-        adam.state[p]["step"] = step.detach().clone()
-
-
-def _fill_zero_common_step(part_state: dict) -> None:
-    """Put back the step 0 that megatron leaves out of a plain optimizer saved before its first step.
-
-    Megatron's FP32 / Float16 optimizers save the shared step only `if step:`, so a checkpoint
-    written at step 0 (tools/convert_checkpoint.py *-to-checkpoint) has zero moments but no step,
-    and torch Adam refuses a parameter state without one.
-    """
-    inner = part_state.get("optimizer", part_state)
-    state = inner.get("state") if isinstance(inner, dict) else None
-    if isinstance(state, dict) and "common_step" not in state and any(isinstance(k, int) for k in state):
-        state["common_step"] = torch.zeros((), dtype=torch.float32)
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    from megatron.core.optimizer import DistributedOptimizer
-
-    parts = _optimizer_parts(optimizer)
-    if len(parts) == 1:
-        states = [state]
-    else:
-        states = [state[i] for i in range(len(parts))] if isinstance(state, dict) else list(state)
-    for part, part_state in zip(parts, states, strict=True):
-        uses_torch_adam = isinstance(getattr(part, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
-        if isinstance(part, DistributedOptimizer) and uses_torch_adam:
-            _load_distributed_part(part, part_state)
-        else:
-            if uses_torch_adam:
-                _fill_zero_common_step(part_state)
-            part.load_state_dict(part_state)
-    _untie_steps(optimizer)
-    if len(parts) > 1 and hasattr(optimizer, "_synchronize_steps"):
-        optimizer._synchronize_steps()
-
-
-def _matching_group(saved_groups: list[dict], group: dict) -> dict:
-    """The saved param group with the same megatron identity (wd_mult, lr_mult, ...) as `group`."""
-    from megatron.core.optimizer.optimizer import param_group_identifier_keys
-
-    ident = tuple(group[k] for k in param_group_identifier_keys)
-    for saved in saved_groups:
-        if tuple(saved[k] for k in param_group_identifier_keys) == ident:
-            return saved
-    raise CheckpointMismatchError(
-        f"no saved optimizer param group matches {dict(zip(param_group_identifier_keys, ident))}"
-    )
-
-
-def _load_plain_from_distributed(part, loaded: dict) -> None:
-    """FP32Optimizer (torch Adam) <- a distributed-optimizer checkpoint, converted."""
-    saved_groups = loaded["optimizer"]["param_groups"]
-    steps = {float(g["step"]) for g in saved_groups if g.get("step") is not None}
-    if len(steps) > 1:
-        raise CheckpointMismatchError(f"the saved param groups disagree on the optimizer step: {steps}")
-    step = steps.pop() if steps else 0.0
-    groups = []
-    for group in part.optimizer.state_dict()["param_groups"]:
-        saved = {k: v for k, v in _matching_group(saved_groups, group).items() if k != "step"}
-        groups.append({**saved, "params": group["params"]})
-    state = {
-        pid: {"step": torch.tensor(step), "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
-        for pid, s in loaded["state"].items()
-        if isinstance(pid, int)
-    }
-    part.optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _load_distributed_from_plain(part, loaded: dict, fp32_params: dict[int, torch.Tensor]) -> None:
-    """DistributedOptimizer (torch Adam) <- an FP32Optimizer checkpoint, converted.
-
-    fp32_params: param_state index -> the loaded model parameter (an fp32 optimizer's main
-    parameter is the model parameter itself).
-    """
-    step = float(loaded.get("state", {}).get("common_step", 0))
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in loaded["param_groups"]]
-    param_state = {
-        idx: {
-            "exp_avg": t["exp_avg"],
-            "exp_avg_sq": t["exp_avg_sq"],
-            "param": fp32_params[idx].detach().float(),
-        }
-        for idx, t in loaded["param_state"].items()
-    }
-    _load_distributed_part(
-        part,
-        {
-            "optimizer": {"param_groups": groups},
-            "param_state": param_state,
-            "param_state_sharding_type": "fully_reshardable",
-        },
-    )
 
 
 # -- 4. The sharded state dict ---------------------------------------------------------------------
@@ -636,39 +467,58 @@ def save_checkpoint(
     returned (or None); scheduler: an OptimizerParamScheduler (or None); train_state: a
     JSON-serialisable dict from the loop (rank 0's is saved; "config" in it is also written to the metadata file);
     keep_last: delete all but the newest `keep_last` checkpoints after this one is published.
+
+    A failure on any rank (a full disk, a write error) raises on every rank, with the same message,
+    after the partial folder was removed; the previous checkpoint and `latest` are untouched. A disk
+    too full for a checkpoint as large as the last one is refused before anything is written
+    (CheckpointSpaceError).
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     save_dir = Path(save_dir)
     rank = dist.get_rank()
-    name = iteration_dir_name(iteration)
-    tmp = save_dir / _broadcast_from_rank0(f"{name}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
+
+    # 0. Room for it: rank 0 clears what interrupted saves left and checks the free space.
+    tmp, error = None, None
     if rank == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    # Saving leaves every random stream as it found it, so a run that saves continues exactly like
-    # a run that does not.
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(save_dir)
+            check_free_space(save_dir)
+            tmp = save_dir / temporary_dir_name(iteration)
+            tmp.mkdir()
+        except Exception as exc:
+            error = exc
+    _raise_on_every_rank(error, save_dir)
+    tmp = _broadcast_from_rank0(tmp)
+
+    # 1. The sharded part (every rank) and the common part (rank 0). Saving leaves every random
+    # stream as it found it, so a run that saves continues exactly like a run that does not.
     rng_before_save = capture_rng_state()
+    entries = None
+    try:
+        if optimizer is not None:
+            init_torch_adam_state(optimizer)
+        state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, is_loading=False)
+        state["iteration"] = iteration
+        state["train_state"] = _train_state_json(train_state)  # a string: nothing to unpickle at load
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        dist_checkpointing.save(state, str(tmp))
+        # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp').
+        fsync_files(tmp, only=_written_by(rank))
+        entries = file_entries(tmp, only=_written_by(rank))
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        error = exc
+    finally:
+        restore_rng_state(rng_before_save)
+    _raise_on_every_rank(error, save_dir, partial=tmp)
 
-    # 1. The sharded part (every rank) and the common part (written by rank 0).
-    if optimizer is not None:
-        _init_torch_adam_state(optimizer)
-    state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, is_loading=False)
-    state["iteration"] = iteration
-    state["train_state"] = _train_state_json(train_state)  # a string: nothing to unpickle at load
-    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    dist_checkpointing.save(state, str(tmp))
-
-    # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp'); rank 0 then
-    # flushes and hashes the rest and writes META_FILE last, with every checksum (write_meta_file).
-    def own(name: str) -> bool:
-        return name.startswith(f"__{rank}_")
-
-    fsync_files(tmp, only=own)
+    # 2. Rank 0 hashes the rest, writes META_FILE last with every checksum, and publishes.
     hashed = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(file_entries(tmp, only=own), hashed, dst=0)
+    dist.gather_object(entries, hashed, dst=0)
     if rank == 0:
         meta = {
             "format": FORMAT,
@@ -680,22 +530,12 @@ def save_checkpoint(
             "has_scheduler": scheduler is not None,
             "config": _jsonable(train_state.get("config")),
         }
-        write_meta_file(tmp, meta, {name: entry for part in hashed for name, entry in part.items()})
-    restore_rng_state(rng_before_save)
-    dist.barrier()
-
-    # 2. Publish on rank 0; every rank learns whether it worked.
-    error: BaseException | None = None
-    if rank == 0:
         try:
+            write_meta_file(tmp, meta, {name: entry for part in hashed for name, entry in part.items()})
             _publish(save_dir, tmp, iteration)
         except Exception as exc:
             error = exc
-    outcome = _broadcast_from_rank0(None if error is None else repr(error))
-    if error is not None:
-        raise error
-    if outcome is not None:
-        raise RuntimeError(f"rank 0 could not publish checkpoint {save_dir / name}: {outcome}")
+    _raise_on_every_rank(error, save_dir, partial=tmp)
 
     # 3. Housekeeping on rank 0, then every rank returns with the checkpoint visible.
     if rank == 0:
@@ -703,7 +543,41 @@ def save_checkpoint(
         if keep_last is not None:
             prune_checkpoints(save_dir, keep_last)
     dist.barrier()
-    return save_dir / name
+    return save_dir / iteration_dir_name(iteration)
+
+
+def _written_by(rank: int):
+    """Whether a file of a dist-checkpoint folder was written by `rank` ('__<rank>_<n>.distcp')."""
+    return lambda name: name.startswith(f"__{rank}_")
+
+
+def _raise_on_every_rank(error: BaseException | None, save_dir: Path, partial: Path | None = None) -> None:
+    """Collective: when any rank failed, remove the partial folder (rank 0) and raise on every rank.
+
+    A full disk is reported as one CheckpointSpaceError (folder and sizes) on every rank, also on
+    ranks whose own write went through.
+    """
+    if isinstance(error, CheckpointSpaceError):
+        report = ("space", error.strerror)
+    elif error is not None:
+        report = ("space" if is_out_of_space(error) else "error", None)
+    else:
+        report = None
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    failed = [r for r in reports if r is not None]
+    if not failed:
+        return
+    if partial is not None and dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    if any(kind == "space" for kind, _ in failed):
+        words = next((message for _, message in failed if message), None)
+        if words is None and dist.get_rank() == 0:  # after the partial folder is gone
+            words = describe_write_error(save_dir, OSError(errno.ENOSPC, "No space left on device")).strerror
+        raise CheckpointSpaceError(errno.ENOSPC, _broadcast_from_rank0(words)) from error
+    if error is not None:
+        raise error
+    raise RuntimeError(f"another rank failed while saving a checkpoint into {save_dir}; see its log")
 
 
 def _publish(save_dir: Path, tmp: Path, iteration: int) -> Path:
@@ -809,7 +683,7 @@ def load_checkpoint(
     conversion = None
     if wanted_optimizer is not None:
         conversion = _optimizer_conversion(meta["optimizer"], wanted_optimizer)
-        _init_torch_adam_state(wanted_optimizer)
+        init_torch_adam_state(wanted_optimizer)
     rng_template = capture_rng_state() if same_layout else None
     state = _sharded_state(
         model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, is_loading=True
@@ -825,14 +699,14 @@ def load_checkpoint(
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if wanted_optimizer is not None:
         if conversion == "to_plain":
-            _load_plain_from_distributed(_optimizer_parts(wanted_optimizer)[0], loaded["optimizer"])
-            _untie_steps(wanted_optimizer)
+            load_plain_from_distributed(optimizer_parts(wanted_optimizer)[0], loaded["optimizer"])
+            untie_steps(wanted_optimizer)
         elif conversion == "to_distributed":
-            _load_distributed_from_plain(
-                _optimizer_parts(wanted_optimizer)[0], loaded["optimizer"], fp32_params
+            load_distributed_from_plain(
+                optimizer_parts(wanted_optimizer)[0], loaded["optimizer"], fp32_params
             )
         else:
-            _load_optimizer_state(wanted_optimizer, loaded["optimizer"])
+            load_optimizer_state(wanted_optimizer, loaded["optimizer"])
         if scheduler is not None and loaded.get("scheduler") is not None:
             # OptimizerParamScheduler.load_state_dict advances num_steps BY the saved count (it
             # assumes a fresh scheduler); start from 0 so that loading into a used one is right too.

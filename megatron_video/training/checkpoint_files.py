@@ -2,6 +2,7 @@
 
 On disk::
 
+    <save_dir>/run.lock                  held by the one run that writes this folder (SaveDirLock)
     <save_dir>/latest                    the iteration of the newest complete checkpoint (text)
     <save_dir>/iter_0000100/             one complete checkpoint; META_FILE marks it complete
     <save_dir>/iter_0000200.tmp-<id>/    a save in progress or interrupted; never loaded
@@ -14,6 +15,11 @@ checkpoint complete and `latest` naming it; `remove_stale_temporaries` clears wh
 left, `prune_checkpoints` keeps the newest few. Every function here runs on one rank and uses no
 process group.
 
+Sharing: `SaveDirLock` lets one run at a time write a save dir (two runs pointed at one folder would
+publish over and prune each other's checkpoints). Space: `check_free_space` refuses a save that
+would not fit, judged by the size of the last checkpoint, before anything is written;
+`describe_write_error` turns a full disk met during a write into a message with the folder and sizes.
+
 Integrity: `write_meta_file` records the size and blake2b digest of every other file of the folder
 in META_FILE (`checksums`) and flushes files and folder before the rename. `verify_checkpoint` gives a
 folder's state (ok / corrupt / incomplete / no checksums, the last for checkpoints written before
@@ -23,12 +29,16 @@ with a warning naming the file, or refusing where the caller asked for exactly o
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +55,9 @@ LATEST_FILE = "latest"
 
 TMP_MARKER = ".tmp-"
 """In the name of every temporary folder or file of a save in progress (`iter_<n>.tmp-<id>`)."""
+
+LOCK_FILE = "run.lock"
+"""Held (flock) by the run that writes the save dir; names its host, process and start time."""
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 
@@ -365,3 +378,193 @@ def good_checkpoint(
     raise CheckpointIntegrityError(
         f"no checkpoint under {load_dir} verifies: " + "; ".join(s.describe() for s in bad)
     )
+
+
+# -- one writer per save dir; disk space ---------------------------------------------------------------
+
+
+class SaveDirInUseError(RuntimeError):
+    """Another live run holds the save dir's lock."""
+
+
+class SaveDirLock:
+    """An exclusive, non-blocking flock on `<save_dir>/run.lock` for the lifetime of a run.
+
+    The kernel drops the lock when the holder dies, however it dies, so a crashed run never blocks
+    the next one. The lock file stays (removing it would race with a new holder); its content names
+    the current holder. Local file systems, NFSv4 and Lustre (mounted with `flock`) honour it across
+    hosts.
+    """
+
+    def __init__(self, save_dir: str | Path):
+        self.path = Path(save_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise SaveDirInUseError naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown holder"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise SaveDirInUseError(
+                f"{self.path.parent} is being written by another run ({holder}); two runs must not share "
+                "a save dir. Wait for that run to end, or give this one its own training.checkpoint.save_dir"
+            ) from None
+        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.ctime()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SaveDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CheckpointSpaceError(OSError):
+    """Too little free space for a checkpoint; says where, how much is free and how much is needed."""
+
+
+def _size_in_words(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes a checkpoint folder takes (its files' sizes)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def check_free_space(save_dir: str | Path, margin: float = 1.1) -> None:
+    """Raise CheckpointSpaceError when save_dir cannot hold another checkpoint as large as its last
+    one (times `margin`); no previous checkpoint, no check."""
+    save_dir = Path(save_dir)
+    previous = latest_checkpoint(save_dir) if save_dir.is_dir() else None
+    if previous is None:
+        return
+    needed = int(checkpoint_bytes(previous) * margin)
+    free = shutil.disk_usage(save_dir).free
+    if free < needed:
+        raise CheckpointSpaceError(
+            errno.ENOSPC,
+            f"not enough disk space for the next checkpoint in {save_dir}: {_size_in_words(free)} free, "
+            f"{_size_in_words(needed)} needed (the last checkpoint, {previous.name}, takes "
+            f"{_size_in_words(checkpoint_bytes(previous))}). Free space there or lower "
+            f"training.checkpoint.keep_last; {previous.name} is intact and the run resumes from it",
+        )
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether an exception (or one it wraps) comes from a full disk or quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "unexpected pos" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe_write_error(save_dir: str | Path, exc: BaseException) -> BaseException:
+    """A CheckpointSpaceError in words for a full disk met while writing, else `exc` unchanged."""
+    if not is_out_of_space(exc):
+        return exc
+    save_dir = Path(save_dir)
+    free = shutil.disk_usage(save_dir).free if save_dir.is_dir() else 0
+    previous = latest_checkpoint(save_dir) if save_dir.is_dir() else None
+    kept = (
+        f"the previous checkpoint {previous.name} ({_size_in_words(checkpoint_bytes(previous))}) is intact "
+        "and the run resumes from it"
+        if previous is not None
+        else "no earlier checkpoint exists"
+    )
+    return CheckpointSpaceError(
+        errno.ENOSPC,
+        f"the disk holding {save_dir} filled up while a checkpoint was written ({_size_in_words(free)} free "
+        f"now; the partial save was removed). Free space there or lower training.checkpoint.keep_last; "
+        f"{kept}",
+    )
+
+
+# -- paths a user gives: checked before launch ----------------------------------------------------
+
+
+def _found_at(path: Path) -> str:
+    """A short description of what `path` is, for an error message."""
+    if not path.exists():
+        return "nothing (the path does not exist)"
+    if path.is_file():
+        return f"a file of {_size_in_words(path.stat().st_size)}"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not entries:
+        return "an empty folder"
+    shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
+    return f"a folder holding {shown}"
+
+
+def checkpoint_source_problem(path: str | Path, field: str) -> str | None:
+    """Why `path` cannot be resumed from (a save dir with a complete checkpoint, or one checkpoint
+    folder), naming `field` and what is there; None when it can."""
+    path = Path(path)
+    if path.is_dir() and (is_checkpoint_folder(path) or complete_checkpoints(path)):
+        return None
+    incomplete = checkpoint_folders(path)
+    detail = (
+        f"only unfinished saves ({', '.join(p.name for p in incomplete.values())}, no {META_FILE})"
+        if incomplete
+        else _found_at(path)
+    )
+    return (
+        f"{field}={path} is not a checkpoint: found {detail}. Give the save dir of a run (the folder "
+        "holding `latest` and iter_XXXXXXX folders) or one iter_XXXXXXX folder"
+    )
+
+
+def weights_source_problem(path: str | Path, field: str) -> str | None:
+    """Why `path` cannot give model weights (a flat .safetensors export or a training checkpoint),
+    naming `field` and what is there; None when it can."""
+    path = Path(path)
+    if path.is_dir():
+        problem = checkpoint_source_problem(path, field)
+        return problem and problem.replace("is not a checkpoint", "is neither weights nor a checkpoint")
+    flat = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+    if flat.is_file():
+        return None
+    return (
+        f"{field}={path} is neither weights nor a checkpoint: found {_found_at(path)}. Give a flat export "
+        "(final_ema.safetensors / final_model.safetensors) or a training checkpoint folder"
+    )
+
+
+def save_dir_problem(path: str | Path, field: str) -> str | None:
+    """Why `path` cannot be a save dir (a file, or one checkpoint folder); None when it can."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{field}={path} is a file; give a folder for the checkpoints"
+    if is_checkpoint_folder(path):
+        return (
+            f"{field}={path} is one checkpoint, not a save dir; give the folder that holds the iter_XXXXXXX "
+            "folders (its parent)"
+        )
+    return None

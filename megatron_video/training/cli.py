@@ -24,12 +24,14 @@ def _config_arguments(
 
 
 def run_entry_point(body: Callable[[], None]) -> int:
-    """Run an entry script's body; return its exit code: 0, or 2 after printing a ConfigError.
+    """Run an entry script's body; return its exit code: 0 (also after a pre-emption that saved the
+    run, see training/preemption.py), or 2 after printing a ConfigError.
 
     A default process group the body started is destroyed at the end; a caller's (notebook, test)
     is left alone.
     """
     from megatron_video.errors import ConfigError
+    from megatron_video.training.preemption import Preempted
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     caller_group = dist.is_initialized()
@@ -38,6 +40,10 @@ def run_entry_point(body: Callable[[], None]) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"pre-empted by {e}", file=sys.stderr, flush=True)
+        return 0
     finally:
         if dist.is_initialized() and not caller_group:
             dist.destroy_process_group()
@@ -63,11 +69,17 @@ def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(cfg, produced: tuple[Path, ...] = ()) -> None:
-    """Fail before any process group starts when a file the stage reads is missing.
+    """Fail before any process group starts when a file the stage reads is missing, or a checkpoint
+    path names something that is not one.
 
     `produced`: folders earlier stages of the same curriculum write (their outputs need not exist yet).
     """
     from megatron_video.errors import ConfigError
+    from megatron_video.training.checkpoint_files import (
+        checkpoint_source_problem,
+        save_dir_problem,
+        weights_source_problem,
+    )
 
     def later(path: Path) -> bool:
         return any(path.resolve().is_relative_to(d.resolve()) for d in produced)
@@ -81,17 +93,24 @@ def check_inputs(cfg, produced: tuple[Path, ...] = ()) -> None:
         wanted.append(
             ("data.data_list", cfg.data.data_list, "prepare the data list (tools/prepare_demo_data.py)")
         )
-    init = cfg.training.checkpoint.init_from
-    if init and init != "previous":
-        wanted.append(
-            ("training.checkpoint.init_from", init, "point it at a flat export or a checkpoint folder")
-        )
     for field, value, fix in wanted:
         path = Path(value)
         if field == "vae.checkpoint" and path.suffix == "" and path.with_suffix(".safetensors").is_file():
             continue
         if not path.exists() and not later(path):
             raise ConfigError(f"{field}={value} does not exist; {fix}")
+
+    c = cfg.training.checkpoint
+    problems = []
+    if c.init_from and c.init_from != "previous" and not later(Path(c.init_from)):
+        problems.append(weights_source_problem(c.init_from, "training.checkpoint.init_from"))
+    if c.load_dir:
+        problems.append(checkpoint_source_problem(c.load_dir, "training.checkpoint.load_dir"))
+    if c.save_dir:
+        problems.append(save_dir_problem(c.save_dir, "training.checkpoint.save_dir"))
+    for problem in problems:
+        if problem:
+            raise ConfigError(problem)
 
 
 def main(task: str, argv: list[str] | None = None) -> int:

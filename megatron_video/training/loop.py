@@ -17,7 +17,6 @@ pass the hidden states on (megatron_video/parallel/pipeline.py).
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,24 +257,3 @@ class Trainer:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.clipper.load_state_dict(state["clip"])
-
-
-class StopSignal:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True on every rank if any rank received SIGTERM."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)

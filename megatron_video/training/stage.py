@@ -3,7 +3,7 @@
 A stage: validated config -> process groups -> frozen VAE and text encoder -> SUV denoiser
 (initialised from the previous stage's exported weights through the needed transition) ->
 Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
-(and one on SIGTERM) -> final checkpoint, flat export of raw and EMA weights, loss curve.
+(and one on a pre-emption signal) -> final checkpoint, flat export of raw and EMA weights, loss curve.
 
 Transitions between stages happen on flat (TP-merged) weights, so any two layouts connect:
 image -> video and fps / resolution changes need no weight change; dense -> SUV re-stages the
@@ -34,7 +34,7 @@ from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.parallel.setup import setup_parallel
 from megatron_video.platform.launch import Runtime, init_distributed
 from megatron_video.training import checkpoint as ckpt
-from megatron_video.training.checkpoint_files import latest_checkpoint
+from megatron_video.training.checkpoint_files import SaveDirInUseError, SaveDirLock, latest_checkpoint
 from megatron_video.training.export import (
     gather_full_state_dict,
     load_flat,
@@ -42,8 +42,9 @@ from megatron_video.training.export import (
     main_params,
     save_flat,
 )
-from megatron_video.training.loop import StopSignal, Trainer
+from megatron_video.training.loop import Trainer
 from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
+from megatron_video.training.preemption import Preempted, PreemptionSignals
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,11 @@ class StageResult:
 def run_stage(
     cfg: ExperimentConfig, task: str, stage_dir: str | Path, runtime: Runtime | None = None
 ) -> StageResult:
-    """Train one stage into `stage_dir` (checkpoints/, tensorboard/, final_*.safetensors)."""
+    """Train one stage into `stage_dir` (checkpoints/, tensorboard/, final_*.safetensors).
+
+    Raises Preempted after saving when a pre-emption signal arrived (the entry scripts exit 0), and
+    TrainingDivergedError after too many skipped steps in a row.
+    """
     stage_dir = Path(stage_dir)
     if cfg.features.cache_dir and task == "i2v":
         from megatron_video.data.feature_cache.format import I2V_UNSUPPORTED
@@ -191,19 +196,60 @@ def run_stage(
     t.checkpoint.save_dir = t.checkpoint.save_dir or str(stage_dir / "checkpoints")
     t.logging.tensorboard_dir = t.logging.tensorboard_dir or str(stage_dir / "tensorboard")
     t.logging.loss_curve_png = t.logging.loss_curve_png or str(stage_dir / "loss_curve.png")
+    stop = PreemptionSignals(t.checkpoint.preemption_signal_numbers())  # from here on: save, then exit 0
     runtime = setup_parallel(cfg, runtime or init_distributed(cfg.runtime))
+    lock = _lock_save_dir(t.checkpoint.save_dir, runtime)
+    try:
+        return _train(cfg, task, stage_dir, runtime, stop)
+    finally:
+        stop.restore()
+        lock.release()
+
+
+def _lock_save_dir(save_dir: str, runtime: Runtime) -> SaveDirLock:
+    """Rank 0 takes the save dir's lock; every rank raises ConfigError when another run holds it."""
+    lock, problem = SaveDirLock(save_dir), None
+    if runtime.is_main:
+        try:
+            lock.acquire()
+        except SaveDirInUseError as exc:
+            problem = str(exc)
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ConfigError(problem)
+    return lock
+
+
+def resume_source(save_dir: str, load_dir: str | None) -> Path | None:
+    """Where a stage resumes from: its own save dir once it holds a checkpoint, else `load_dir`."""
+    if latest_checkpoint(save_dir) is not None:
+        return Path(save_dir)
+    return Path(load_dir) if load_dir else None
+
+
+def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, stop) -> StageResult:
+    t = cfg.training
     cfg.micro_batches_per_step(runtime.data_parallel)  # the world size is known only now
     torch.manual_seed(t.seed)
 
     model = build_denoiser(cfg, runtime, task)
-    resume_dir = t.checkpoint.load_dir or t.checkpoint.save_dir
-    has_checkpoint = latest_checkpoint(resume_dir) is not None
-    if t.checkpoint.init_from and not has_checkpoint:
+    resume_dir = resume_source(t.checkpoint.save_dir, t.checkpoint.load_dir)
+    ignored_load_dir = t.checkpoint.load_dir and resume_dir != Path(t.checkpoint.load_dir)
+    if resume_dir is not None and ignored_load_dir and runtime.is_main:
+        logger.warning(
+            "%s holds this run's checkpoints: resuming from them, not from training.checkpoint.load_dir=%s",
+            resume_dir,
+            t.checkpoint.load_dir,
+        )
+    if t.checkpoint.init_from and resume_dir is None:
         initialize_from(model, runtime, cfg, t.checkpoint.init_from)
     trainer = Trainer(cfg, runtime, model)
     batches = build_batches(cfg, runtime, task)
 
-    if has_checkpoint:
+    if resume_dir is not None:
         state = ckpt.load_checkpoint(
             resume_dir,
             trainer.model_chunks,
@@ -221,9 +267,10 @@ def run_stage(
         runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval, str(stage_dir / "metrics.jsonl")
     )
     tokens, flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
-    stop = StopSignal()
     losses = []
     try:
+        if stop.agreed():  # a signal during start-up: nothing new to save
+            raise Preempted(stop.name, trainer.step, None)
         while trainer.step < t.steps:
             metrics = trainer.train_step(batches)
             losses.append(metrics["loss"])
@@ -237,6 +284,7 @@ def run_stage(
                 or diverged
             ):
                 _save(trainer, batches, runtime, cfg)
+                stopping = stopping or stop.agreed()  # a signal during the save: this step is saved
             if diverged:
                 raise TrainingDivergedError(
                     f"{trainer.consecutive_skipped_steps} optimizer steps in a row were skipped (NaN / Inf or "
@@ -246,12 +294,14 @@ def run_stage(
                     "(training.optimizer.lr, warmup_steps) or check the data (NaN / broken samples) before resuming"
                 )
             if stopping:
-                if runtime.is_main:
-                    print(f"SIGTERM: saved step {trainer.step} and stopping", flush=True)
-                raise SystemExit(143)
-    finally:
-        stop.restore()
-        log.close(t.logging.loss_curve_png, f"{stage_dir.name} loss")
+                raise Preempted(stop.name, trainer.step, t.checkpoint.save_dir)
+    except BaseException:
+        try:  # the loss curve so far; the error that ends the stage matters more than this file
+            log.close(t.logging.loss_curve_png, f"{stage_dir.name} loss")
+        except Exception as close_error:
+            logger.warning("could not write the loss curve or metrics: %s", close_error)
+        raise
+    log.close(t.logging.loss_curve_png, f"{stage_dir.name} loss")
 
     final_model, final_ema = _export(trainer, runtime, cfg, stage_dir)
     return StageResult(stage_dir, final_model, final_ema, losses)

@@ -226,6 +226,10 @@ def _launch_train(rank, world_size, dirs):
         "entries": sorted(p.name for p in dirs["dist"].iterdir()),
     }
     result["meta"] = checkpoint.read_checkpoint_metadata(dirs["dist"])
+    torch.distributed.barrier()
+    if rank == 0:  # what a save killed mid-write (SIGKILL: no clean-up) leaves behind
+        (dirs["dist"] / "iter_0000004.tmp-killed").mkdir()
+        (dirs["dist"] / "iter_0000004.tmp-killed" / "__0_0.distcp").write_bytes(b"partial")
     return result
 
 
@@ -391,14 +395,15 @@ def test_tp2_checkpoint_loads_at_tp1(runs):
 
 
 def test_interrupted_save_leaves_previous_checkpoint(runs):
-    """(c) A save that fails before publishing leaves `latest` on the previous checkpoint."""
+    """(c) A save that fails before publishing raises on every rank, removes its partial folder and
+    leaves `latest` on the previous checkpoint; the next save removes what a killed save left."""
     train, _, resume = runs
     assert "simulated crash" in train[0]["interrupted"]
-    assert "could not publish" in train[1]["interrupted"]
+    assert "another rank failed while saving" in train[1]["interrupted"]
     after = train[0]["after_crash"]
     assert after["latest"] == "iter_0000002" and after["pointer"] == str(SAVE_AT)
-    assert any(e.startswith("iter_0000004.tmp-") for e in after["entries"])
-    assert "iter_0000004" not in after["entries"]
+    # The failed save removed its partial folder; only the previous checkpoint is there.
+    assert after["entries"] == ["iter_0000002", "latest"]
     # Launch 3 resumed from iteration 2 (checked above); its save cleaned up and pruned.
     assert resume[0]["after_save"] == {"latest": "iter_0000004", "entries": ["iter_0000004", "latest"]}
 

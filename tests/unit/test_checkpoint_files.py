@@ -111,3 +111,106 @@ def test_write_latest_is_atomic_replace(tmp_path, monkeypatch):
     monkeypatch.undo()
     remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+# -- one run per save dir; paths checked before launch ----------------------------------------------
+
+
+def test_save_dir_lock_refuses_a_second_holder_and_frees_with_the_first(tmp_path):
+    from megatron_video.training.checkpoint_files import SaveDirInUseError, SaveDirLock
+
+    first = SaveDirLock(tmp_path / "save")
+    first.acquire()
+    with pytest.raises(SaveDirInUseError, match=r"being written by another run \(\{\"host\".*\"pid\""):
+        SaveDirLock(tmp_path / "save").acquire()
+    first.release()
+    with SaveDirLock(tmp_path / "save"):  # free again; the lock file stays, naming the new holder
+        assert (tmp_path / "save" / "run.lock").is_file()
+
+
+def test_save_dir_lock_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    from megatron_video.training.checkpoint_files import SaveDirLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from megatron_video.training.checkpoint_files import SaveDirLock; "
+         f"SaveDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    with SaveDirLock(tmp_path):
+        pass
+
+
+def test_checkpoint_paths_are_described_when_wrong(tmp_path):
+    from megatron_video.training.checkpoint_files import (
+        checkpoint_source_problem,
+        save_dir_problem,
+        weights_source_problem,
+    )
+
+    save = tmp_path / "save"
+    _saved(save, 2)
+    (save / "iter_0000004.tmp-abc").mkdir()
+    assert checkpoint_source_problem(save, "f") is None
+    assert checkpoint_source_problem(save / "iter_0000002", "f") is None
+    assert "nothing (the path does not exist)" in checkpoint_source_problem(tmp_path / "nope", "f")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.txt").write_text("x")
+    problem = checkpoint_source_problem(tmp_path / "other", "training.checkpoint.load_dir")
+    assert problem.startswith("training.checkpoint.load_dir=") and "a folder holding a.txt" in problem
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "iter_0000003").mkdir(parents=True)
+    assert "only unfinished saves (iter_0000003" in checkpoint_source_problem(unfinished, "f")
+
+    assert weights_source_problem(save, "init_from") is None
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert weights_source_problem(tmp_path / "w.safetensors", "init_from") is None
+    assert weights_source_problem(tmp_path / "w", "init_from") is None  # the suffix may be left out
+    assert "neither weights nor a checkpoint: found a file" in weights_source_problem(
+        tmp_path / "other" / "a.txt", "init_from"
+    )
+    assert "is one checkpoint, not a save dir" in save_dir_problem(save / "iter_0000002", "save_dir")
+    assert "is a file" in save_dir_problem(tmp_path / "w.safetensors", "save_dir")
+    assert save_dir_problem(tmp_path / "new", "save_dir") is None and save_dir_problem(save, "s") is None
+
+
+def test_free_space_check_compares_with_the_last_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from megatron_video.training import checkpoint_files as files
+
+    save = tmp_path / "save"
+    files.check_free_space(save)  # nothing saved yet: nothing to compare with
+    _saved(save, 2)
+    (save / "iter_0000002" / "payload.bin").write_bytes(b"\0" * 10_000)
+    size = files.checkpoint_bytes(save / "iter_0000002")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=size))
+    with pytest.raises(files.CheckpointSpaceError, match=r"not enough disk space .* iter_0000002 is intact"):
+        files.check_free_space(save)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: usage._replace(free=2 * size))
+    files.check_free_space(save)
+
+
+def test_out_of_space_is_recognised_through_wrappers():
+    import errno
+
+    from megatron_video.training.checkpoint_files import is_out_of_space
+
+    assert is_out_of_space(OSError(errno.ENOSPC, "x"))
+    assert is_out_of_space(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    )
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "quota")
+        except OSError as inner:
+            raise RuntimeError("write failed") from inner
+    except RuntimeError as outer:
+        assert is_out_of_space(outer)
+    assert not is_out_of_space(ValueError("bad value"))

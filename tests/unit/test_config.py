@@ -112,6 +112,11 @@ def _build(extra: dict, overrides=()):
         ({"training": {"clip": {"mode": "sometimes"}}}, "must be one of"),
         ({"training": {"optimizer": {"lr": 1e-4, "min_lr": 1e-3}}}, "min_lr <= lr"),
         ({"training": {"ema_decay": 1.5}}, "ema_decay must be in"),
+        (
+            {"training": {"checkpoint": {"preemption_signals": ["SIGKILL"]}}},
+            "'SIGKILL' is not a signal that can",
+        ),
+        ({"training": {"checkpoint": {"preemption_signals": ["TERM"]}}}, "'TERM' is not a signal"),
     ],
 )
 def test_validation_errors(extra, message):

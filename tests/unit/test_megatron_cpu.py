@@ -57,18 +57,18 @@ def test_version_check_accepts_installed_megatron_core():
 
 
 def test_version_check_names_installed_and_supported_versions(monkeypatch):
-    monkeypatch.setattr(megatron_cpu, "_installed_megatron_core_version", lambda: "0.17.0")
+    monkeypatch.setattr(megatron_cpu, "installed_megatron_core_version", lambda: "0.17.0")
     with pytest.raises(RuntimeError, match=r"supports megatron-core 0\.16\.x, but megatron-core 0\.17\.0"):
         megatron_cpu.check_megatron_core_version()
     # "0.160" is not a 0.16 release.
-    monkeypatch.setattr(megatron_cpu, "_installed_megatron_core_version", lambda: "0.160.0")
+    monkeypatch.setattr(megatron_cpu, "installed_megatron_core_version", lambda: "0.160.0")
     with pytest.raises(RuntimeError, match="0.160.0"):
         megatron_cpu.check_megatron_core_version()
 
 
 def test_apply_checks_version_first(not_adapted):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(megatron_cpu, "_installed_megatron_core_version", lambda: "0.15.2")
+        patch.setattr(megatron_cpu, "installed_megatron_core_version", lambda: "0.15.2")
         with pytest.raises(RuntimeError, match="0.15.2"):
             megatron_cpu.apply_megatron_cpu_adaptation()
     assert not megatron_cpu.is_applied()
