@@ -1,0 +1,69 @@
+"""Small Open-Sora-Plan v1.2 / v1.3 DiT models and inputs for tests and benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
+from megatron_video.models.opensora_dit.model import OpenSoraDiT
+from megatron_video.parallel.setup import build_parallel_plan
+from megatron_video.testing.models import tiny_config
+
+
+def tiny_dit_config(parallel: dict | None = None, version: str = "v1.3", **model_overrides):
+    """ExperimentConfig holding the tiny DiT flavor of `version`, fp32, and the given parallel layout."""
+    base = tiny_config(parallel)
+    model = OpenSoraDiTConfig.from_flavor("tiny", version=version, **model_overrides)
+    cfg = dataclasses.replace(base, model=model)
+    cfg.validate()
+    return cfg
+
+
+def build_dit(
+    cfg, inpaint_mask_channels: int | None = None, blocks: range | None = None, plan=None
+) -> OpenSoraDiT:
+    """DiT model (or pipeline chunk) over the initialised megatron groups."""
+    return OpenSoraDiT(
+        cfg.model,
+        plan if plan is not None else build_parallel_plan(cfg),
+        inpaint_mask_channels=inpaint_mask_channels,
+        blocks=blocks,
+    )
+
+
+def random_dit_inputs(
+    cfg,
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    text_len: int,
+    seed: int = 0,
+    masks: bool = True,
+    inpaint_mask_channels: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Latents, DDPM timesteps, text and masks (and I2V conditions) for `cfg.model`."""
+    m = cfg.model
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "latents_BCTHW": torch.randn(batch, m.in_channels, frames, height, width, generator=gen),
+        "timestep_B": torch.randint(0, 1000, (batch,), generator=gen).float(),
+        "text_BLC": torch.randn(batch, text_len, m.caption_channels, generator=gen),
+    }
+    if masks:
+        text_mask = torch.ones(batch, text_len)
+        text_mask[-1, text_len // 2 :] = 0
+        video_mask = torch.ones(batch, frames, height, width)
+        video_mask[0, -1, : height // 2] = 0
+        inputs["text_mask_BL"] = text_mask
+        inputs["video_mask_BTHW"] = video_mask
+    if inpaint_mask_channels is not None:
+        inputs["masked_latents_BCTHW"] = torch.randn(
+            batch, m.in_channels, frames, height, width, generator=gen
+        )
+        inputs["inpaint_mask_BMTHW"] = (
+            torch.rand(batch, inpaint_mask_channels, frames, height, width, generator=gen) > 0.5
+        ).float()
+    return inputs
