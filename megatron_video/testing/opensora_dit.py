@@ -9,6 +9,7 @@ import torch
 from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.opensora_dit.model import OpenSoraDiT
 from megatron_video.parallel.setup import build_parallel_plan
+from megatron_video.parallel.tensor_parallel_state import partition_dims, shard_state_dict
 from megatron_video.testing.models import tiny_config
 
 
@@ -67,3 +68,12 @@ def random_dit_inputs(
             torch.rand(batch, inpaint_mask_channels, frames, height, width, generator=gen) > 0.5
         ).float()
     return inputs
+
+
+def shard_for_model(state: dict[str, torch.Tensor], model: OpenSoraDiT) -> dict[str, torch.Tensor]:
+    """The part of a full state dict that `model` (a pipeline chunk at any TP rank) holds, split
+    along its tensor-parallel dims; loads with `load_state_dict(..., strict=False)`."""
+    own = [k for k in model.state_dict() if not k.endswith("_extra_state")]
+    plan = model.plan
+    subset = {k: state[k] for k in own}
+    return shard_state_dict(subset, partition_dims(model), plan.tensor_parallel_rank, plan.tensor_parallel)

@@ -5,9 +5,9 @@ a `.bin` read with weights_only=True) written by `OpenSoraT2V[_v1_3]` / `OpenSor
 `transformer_blocks.<i>.attn1.to_q`, `adaln_single.emb.timestep_embedder.linear_1`, ... (reference
 section 1.6). Ours fuses the self-attention q/k/v and the cross-attention k/v with rows laid out per
 head ([head, (q, k, v), head_dim]), which a tensor-parallel split cuts into whole heads; block
-names are global (`blocks.<i>.`) so a pipeline chunk loads its subset of the same dict.
-`shard_for_model` hands a full state dict to a model (chunk) at any TP / PP;
-`parallel.tensor_parallel_state.merge_state_dicts` merges TP shards back.
+names are global (`blocks.<i>.`) so a pipeline chunk loads its subset of the same dict, and
+`parallel.tensor_parallel_state` splits it for any TP rank (`shard_state_dict` along the model's
+`partition_dims`) and merges the shards back (`merge_state_dicts`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from megatron_video.errors import CheckpointMismatch, ConfigError
 from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.suv.state_dict_adapter import check_against_model
 from megatron_video.models.wfvae.state_dict_adapter import read_folder, write_folder
-from megatron_video.parallel.tensor_parallel_state import partition_dims, shard_state_dict
 
 __all__ = [
     "check_against_model",
@@ -31,7 +30,6 @@ __all__ = [
     "init_i2v_from_t2v",
     "load_open_sora_plan",
     "save_open_sora_plan_folder",
-    "shard_for_model",
     "to_open_sora_plan",
 ]
 
@@ -168,18 +166,6 @@ def from_open_sora_plan(
     return out
 
 
-def shard_for_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The part of our full state dict that `model` (a pipeline chunk at any TP rank) holds, split
-    along its tensor-parallel dims; loads with `load_state_dict(..., strict=False)`."""
-    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing = own - set(state)
-    if missing:
-        raise _mismatch("state dict lacks tensors of the model:", missing, ())
-    plan = model.plan
-    subset = {k: state[k] for k in own}
-    return shard_state_dict(subset, partition_dims(model), plan.tensor_parallel_rank, plan.tensor_parallel)
-
-
 def init_i2v_from_t2v(
     t2v_state: dict[str, torch.Tensor], i2v_state: dict[str, torch.Tensor], load_mask: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -271,9 +257,9 @@ def config_from_open_sora_plan(released: dict, **overrides) -> tuple[OpenSoraDiT
         interpolation_scale_h=scales[1],
         interpolation_scale_w=scales[2],
         sparse_n=released.get("sparse_n", 2) if sparse else 1,
-        sparse_start=2,
-        sparse_stop=-2 if layers == 32 else min(_RELEASED_SPARSE_STOP, layers),
     )
+    if version == "v1.3":  # the release's rule, 1 < i < 30, as our block range
+        fields.update(sparse_start=2, sparse_stop=-2 if layers == 32 else min(_RELEASED_SPARSE_STOP, layers))
     cfg = OpenSoraDiTConfig(flavor="2.7B", **{**fields, **overrides})
     cfg.validate()
     mask_channels = released.get("vae_scale_factor_t", 4) if inpaint else None
