@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from megatron_video.config.schema import ParallelConfig
 from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.opensora_dit.model import OpenSoraDiT
 from megatron_video.parallel.setup import build_parallel_plan
@@ -15,9 +16,8 @@ from megatron_video.testing.models import tiny_config
 
 def tiny_dit_config(parallel: dict | None = None, version: str = "v1.3", **model_overrides):
     """ExperimentConfig holding the tiny DiT flavor of `version`, fp32, and the given parallel layout."""
-    base = tiny_config(parallel)
     model = OpenSoraDiTConfig.from_flavor("tiny", version=version, **model_overrides)
-    cfg = dataclasses.replace(base, model=model)
+    cfg = dataclasses.replace(tiny_config(), model=model, parallel=ParallelConfig(**(parallel or {})))
     cfg.validate()
     return cfg
 
