@@ -250,3 +250,41 @@ def test_i2v_initialised_from_t2v_computes_t2v(megatron_single):
             **{k: v for k, v in inputs.items() if k not in ("masked_latents_BCTHW", "inpaint_mask_BMTHW")}
         )
         torch.testing.assert_close(i2v(**inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "ffn"])
+def test_recompute_keeps_output_and_gradients(megatron_single, mode):
+    cfg = tiny_dit_config(version="v1.3", caption_channels=16)
+    plain, recomputed = build_dit(cfg), build_dit(cfg)
+    state = randomize(plain, seed=8, std=0.1)
+    recomputed.load_state_dict(state, strict=False)
+    recomputed.set_recompute(mode)
+    inputs = random_dit_inputs(cfg, 2, 2, 4, 6, 8, seed=9)
+    outs = []
+    for model in (plain, recomputed):
+        out = model(**inputs)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+
+def test_bf16_keeps_conditioning_norms_and_stream_fp32(megatron_single):
+    """Under runtime.dtype=bf16 only the attention / FFN linears and inpainting projections are bf16;
+    the output stays within bf16 rounding of the fp32 model on the same weights."""
+    fp32 = tiny_dit_config(version="v1.3", caption_channels=16)
+    bf16 = dataclasses.replace(fp32, runtime=dataclasses.replace(fp32.runtime, dtype="bf16"))
+    ref, model = build_dit(fp32, inpaint_mask_channels=4), build_dit(bf16, inpaint_mask_channels=4)
+    state = randomize(ref, seed=10, std=0.1)
+    model.load_state_dict(state, strict=False)
+    for name, p in model.named_parameters():
+        low = (
+            ".self_attn." in name or ".cross_attn." in name or ".ff." in name or name.endswith("_proj.weight")
+        )
+        assert p.dtype == (torch.bfloat16 if low else torch.float32), (name, p.dtype)
+    inputs = random_dit_inputs(fp32, 2, 2, 4, 6, 8, seed=11, inpaint_mask_channels=4)
+    with torch.no_grad():
+        expected, out = ref(**inputs), model(**inputs)
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max().item() < 0.05 * expected.abs().max().item()
