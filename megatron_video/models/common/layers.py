@@ -149,12 +149,13 @@ class TokenLinear(nn.Linear):
 
 
 class FeedForward(nn.Module):
-    """Column-parallel Linear(D -> mult*D) -> tanh-GELU (fp32) -> row-parallel Linear, no biases.
+    """Column-parallel Linear(D -> mult*D) -> tanh-GELU (fp32) -> row-parallel Linear, biased
+    only with `bias` (SUV: none; the v1.2 / v1.3 DiT: both).
 
     Runs in the linears' dtype: the input is cast to it and the output is returned in it.
     """
 
-    def __init__(self, dim: int, mult: int, plan: ParallelPlan):
+    def __init__(self, dim: int, mult: int, plan: ParallelPlan, bias: bool = False):
         super().__init__()
         cfg = plan.linear_config
         self.linear_fc1 = ColumnParallelLinear(
@@ -162,7 +163,7 @@ class FeedForward(nn.Module):
             dim * mult,
             config=cfg,
             init_method=cfg.init_method,
-            bias=False,
+            bias=bias,
             tp_group=plan.tensor_parallel_group,
         )
         self.linear_fc2 = RowParallelLinear(
@@ -170,7 +171,7 @@ class FeedForward(nn.Module):
             dim,
             config=cfg,
             init_method=cfg.output_layer_init_method,
-            bias=False,
+            bias=bias,
             input_is_parallel=True,
             skip_bias_add=False,
             tp_group=plan.tensor_parallel_group,
