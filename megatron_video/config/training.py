@@ -102,6 +102,11 @@ class CheckpointConfig:
     continues, and another run's checkpoints in `save_dir` are never pruned away unread). A path that
     does not exist or holds no checkpoint is an error before launch."""
 
+    async_save: bool = False
+    """Write periodic checkpoints in a background process per rank while training continues
+    (Megatron core's async dist-checkpoint save); a checkpoint is published (`latest`) only after
+    every rank's write finished. Costs host memory for the snapshot of this rank's state."""
+
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     """Signals that mean "pre-empted": the step in flight finishes, a checkpoint of it is saved, and
     the run exits with code 0 (megatron_video/training/preemption.py)."""

@@ -192,7 +192,7 @@ def checkpoint_weights(load_dir: str | Path, use_ema: bool = True) -> tuple[dict
             wanted[key] = entry
     loaded = dist_checkpointing.load(wanted, path, validate_access_integrity=False)
     n = len(EMA_PREFIX) if ema else 0
-    return {key[n:]: tensor for key, tensor in loaded.items()}, meta
+    return {key[n:]: loaded[key] for key in wanted}, meta  # `loaded` also holds the common part
 
 
 # -- 2. What the run looks like: layout, model description ---------------------------------------
@@ -460,6 +460,7 @@ def save_checkpoint(
     train_state: dict,
     ema: ParamEMA | None = None,
     keep_last: int | None = None,
+    background=None,
 ) -> Path:
     """Save a checkpoint of iteration `iteration` on every rank (collective); return its directory.
 
@@ -467,6 +468,9 @@ def save_checkpoint(
     returned (or None); scheduler: an OptimizerParamScheduler (or None); train_state: a
     JSON-serialisable dict from the loop (rank 0's is saved; "config" in it is also written to the metadata file);
     keep_last: delete all but the newest `keep_last` checkpoints after this one is published.
+    background: a `BackgroundSaves` (training/async_save.py): the state is snapshotted now, the
+    files are written by a forked process while training goes on, and the checkpoint is verified and
+    published when the queue finalizes it on every rank (the returned directory exists only then).
 
     A failure on any rank (a full disk, a write error) raises on every rank, with the same message,
     after the partial folder was removed; the previous checkpoint and `latest` are untouched. A disk
@@ -480,6 +484,8 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     save_dir = Path(save_dir)
     rank = dist.get_rank()
+    if background is not None:
+        background.wait()  # one save in flight at a time; its clean-up must not meet this one
 
     # 0. Room for it: rank 0 clears what interrupted saves left and checks the free space.
     tmp, error = None, None
@@ -498,7 +504,7 @@ def save_checkpoint(
     # 1. The sharded part (every rank) and the common part (rank 0). Saving leaves every random
     # stream as it found it, so a run that saves continues exactly like a run that does not.
     rng_before_save = capture_rng_state()
-    entries = None
+    request = None
     try:
         if optimizer is not None:
             init_torch_adam_state(optimizer)
@@ -506,30 +512,60 @@ def save_checkpoint(
         state["iteration"] = iteration
         state["train_state"] = _train_state_json(train_state)  # a string: nothing to unpickle at load
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-        dist_checkpointing.save(state, str(tmp))
-        # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp').
-        fsync_files(tmp, only=_written_by(rank))
-        entries = file_entries(tmp, only=_written_by(rank))
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=background is not None)
     except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
         error = exc
     finally:
         restore_rng_state(rng_before_save)
     _raise_on_every_rank(error, save_dir, partial=tmp)
 
-    # 2. Rank 0 hashes the rest, writes META_FILE last with every checksum, and publishes.
+    meta = {
+        "format": FORMAT,
+        "iteration": iteration,
+        "layout": current_layout(model_plan(model_chunks)),
+        "optimizer": _describe_optimizer(optimizer),
+        "model": _describe_model(model_chunks),
+        "has_ema": ema is not None,
+        "has_scheduler": scheduler is not None,
+        "config": _jsonable(train_state.get("config")),
+    }
+    if request is None:
+        _publish_written(save_dir, tmp, iteration, meta, keep_last, writer_finalize=[])
+    else:
+        # Megatron's finalize step (torch's .metadata) and then ours run once every rank's writer
+        # process has finished; until then `latest` names the previous checkpoint.
+        finalize = list(request.finalize_fns)
+        background.schedule(
+            request._replace(
+                finalize_fns=[lambda: _publish_written(save_dir, tmp, iteration, meta, keep_last, finalize)]
+            ),
+            iteration,
+        )
+    return save_dir / iteration_dir_name(iteration)
+
+
+def _publish_written(
+    save_dir: Path, tmp: Path, iteration: int, meta: dict, keep_last: int | None, writer_finalize: list
+) -> None:
+    """Collective, once every rank's files are written: flush and hash them, write META_FILE last
+    (rank 0), publish, prune. A failure on any rank removes the folder and raises on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    rank, entries, error = dist.get_rank(), None, None
+    try:
+        for fn in writer_finalize:
+            fn()
+        # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp').
+        fsync_files(tmp, only=_written_by(rank))
+        entries = file_entries(tmp, only=_written_by(rank))
+    except (Exception, CheckpointException) as exc:
+        error = exc
+    _raise_on_every_rank(error, save_dir, partial=tmp)
+
+    # Rank 0 hashes the rest, writes META_FILE last with every checksum, and publishes.
     hashed = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(entries, hashed, dst=0)
     if rank == 0:
-        meta = {
-            "format": FORMAT,
-            "iteration": iteration,
-            "layout": current_layout(model_plan(model_chunks)),
-            "optimizer": _describe_optimizer(optimizer),
-            "model": _describe_model(model_chunks),
-            "has_ema": ema is not None,
-            "has_scheduler": scheduler is not None,
-            "config": _jsonable(train_state.get("config")),
-        }
         try:
             write_meta_file(tmp, meta, {name: entry for part in hashed for name, entry in part.items()})
             _publish(save_dir, tmp, iteration)
@@ -537,13 +573,12 @@ def save_checkpoint(
             error = exc
     _raise_on_every_rank(error, save_dir, partial=tmp)
 
-    # 3. Housekeeping on rank 0, then every rank returns with the checkpoint visible.
+    # Housekeeping on rank 0, then every rank returns with the checkpoint visible.
     if rank == 0:
         remove_stale_temporaries(save_dir)
         if keep_last is not None:
             prune_checkpoints(save_dir, keep_last)
     dist.barrier()
-    return save_dir / iteration_dir_name(iteration)
 
 
 def _written_by(rank: int):

@@ -250,6 +250,7 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.consumed_samples,
             "clip": self.clipper.state_dict(),
+            "consecutive_skipped_steps": self.consecutive_skipped_steps,
         }
 
     def load_train_state(self, state: dict) -> None:
@@ -257,3 +258,4 @@ class Trainer:
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.clipper.load_state_dict(state["clip"])
+        self.consecutive_skipped_steps = state.get("consecutive_skipped_steps", 0)

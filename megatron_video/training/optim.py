@@ -65,6 +65,9 @@ def build_optimizer(
         end_wd=o.weight_decay,
         wd_incr_steps=max(decay_steps * gbs, 1),
         wd_incr_style="constant",
+        # A resume restores only the sample count: the configured settings stay (resume_policy.py).
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 

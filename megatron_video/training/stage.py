@@ -34,6 +34,7 @@ from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.parallel.setup import setup_parallel
 from megatron_video.platform.launch import Runtime, init_distributed
 from megatron_video.training import checkpoint as ckpt
+from megatron_video.training.async_save import BackgroundSaves
 from megatron_video.training.checkpoint_files import SaveDirInUseError, SaveDirLock, latest_checkpoint
 from megatron_video.training.export import (
     gather_full_state_dict,
@@ -45,6 +46,7 @@ from megatron_video.training.export import (
 from megatron_video.training.loop import Trainer
 from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
 from megatron_video.training.preemption import Preempted, PreemptionSignals
+from megatron_video.training.resume_policy import SETTINGS_KEY, apply_resume_policy, settings_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +262,7 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
         )
         trainer.load_train_state(state)
         batches.load_state_dict(state["data"])
+        apply_resume_policy(cfg, trainer, state)
         if runtime.is_main:
             print(f"resumed from {resume_dir} at step {trainer.step}", flush=True)
 
@@ -268,6 +271,7 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
     )
     tokens, flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
     losses = []
+    background = BackgroundSaves() if t.checkpoint.async_save else None
     try:
         if stop.agreed():  # a signal during start-up: nothing new to save
             raise Preempted(stop.name, trainer.step, None)
@@ -275,6 +279,8 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
             metrics = trainer.train_step(batches)
             losses.append(metrics["loss"])
             log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
+            if background is not None:
+                background.poll()  # publishes a background save whose writers have all finished
             stopping = stop.agreed()
             diverged = trainer.consecutive_skipped_steps >= t.max_consecutive_skipped_steps
             if (
@@ -283,7 +289,9 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
                 or stopping
                 or diverged
             ):
-                _save(trainer, batches, runtime, cfg)
+                _save(trainer, batches, cfg, background)
+                if background is not None and (stopping or diverged or trainer.step == t.steps):
+                    background.wait()
                 stopping = stopping or stop.agreed()  # a signal during the save: this step is saved
             if diverged:
                 raise TrainingDivergedError(
@@ -294,6 +302,8 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
                     "(training.optimizer.lr, warmup_steps) or check the data (NaN / broken samples) before resuming"
                 )
             if stopping:
+                if background is not None:
+                    background.wait()
                 raise Preempted(stop.name, trainer.step, t.checkpoint.save_dir)
     except BaseException:
         try:  # the loss curve so far; the error that ends the stage matters more than this file
@@ -351,11 +361,12 @@ def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
     return n * cfg.training.global_batch_size, per_sample * cfg.training.global_batch_size
 
 
-def _save(trainer: Trainer, batches, runtime: Runtime, cfg: ExperimentConfig) -> None:
+def _save(trainer: Trainer, batches, cfg: ExperimentConfig, background: BackgroundSaves | None) -> None:
     state = trainer.train_state()
     state["data"] = batches.state_dict()
     state["config"] = dataclasses.asdict(cfg.model)
     state["parallel"] = dataclasses.asdict(cfg.parallel)
+    state[SETTINGS_KEY] = settings_snapshot(cfg)
     ckpt.save_checkpoint(
         cfg.training.checkpoint.save_dir,
         trainer.step,
@@ -365,6 +376,7 @@ def _save(trainer: Trainer, batches, runtime: Runtime, cfg: ExperimentConfig) ->
         state,
         ema=trainer.ema,
         keep_last=cfg.training.checkpoint.keep_last,
+        background=background,
     )
 
 
