@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     size = median("checkpoint_bytes")
     sync = max(median("sync_s", r) for r in range(2))  # the loop waits for the slower rank
     blocked = max(median("async_blocked_s", r) for r in range(2))
-    print(f"checkpoint {size / 2**20:.0f} MiB (2 ranks, DP=2, distributed optimizer), {rounds} round(s), medians")
+    print(
+        f"checkpoint {size / 2**20:.0f} MiB (2 ranks, DP=2, distributed optimizer), {rounds} round(s), medians"
+    )
     print(f"{'':32}{'seconds':>10}")
     print(f"{'sync save, loop blocked':32}{sync:>10.2f}")
     print(f"{'async save, loop blocked':32}{blocked:>10.2f}")
