@@ -69,6 +69,7 @@ from megatron_video.training.checkpoint_files import (
     remove_stale_temporaries,
     temporary_dir_name,
     write_meta_file,
+    write_synced,
 )
 from megatron_video.training.ema import ParamEMA
 from megatron_video.training.optimizer_state import (
@@ -532,16 +533,44 @@ def save_checkpoint(
     if request is None:
         _publish_written(save_dir, tmp, iteration, meta, keep_last, writer_finalize=[])
     else:
-        # Megatron's finalize step (torch's .metadata) and then ours run once every rank's writer
-        # process has finished; until then `latest` names the previous checkpoint.
+        # The writer process also flushes and hashes what it wrote; megatron's finalize step
+        # (torch's .metadata) and then ours run once every rank's writer has finished. Until then
+        # `latest` names the previous checkpoint.
         finalize = list(request.finalize_fns)
-        background.schedule(
-            request._replace(
-                finalize_fns=[lambda: _publish_written(save_dir, tmp, iteration, meta, keep_last, finalize)]
-            ),
-            iteration,
+        request = request._replace(
+            finalize_fns=[lambda: _publish_written(save_dir, tmp, iteration, meta, keep_last, finalize)]
         )
+        if request.async_fn is not None:
+            request = request._replace(async_fn=_then_hash(request.async_fn, tmp, rank))
+        background.schedule(request, iteration)
     return save_dir / iteration_dir_name(iteration)
+
+
+def _checksums_file(folder: Path, rank: int) -> Path:
+    return folder / f".checksums-{rank}.json"
+
+
+def _then_hash(write, folder: Path, rank: int):
+    """`write`, then flush and hash this rank's files into a side file (in the writer process)."""
+
+    def write_and_hash(*args, **kwargs):
+        write(*args, **kwargs)
+        fsync_files(folder, only=_written_by(rank))
+        entries = json.dumps(file_entries(folder, only=_written_by(rank)))
+        write_synced(_checksums_file(folder, rank), lambda f: f.write(entries.encode()))
+
+    return write_and_hash
+
+
+def _own_entries(folder: Path, rank: int) -> dict[str, dict]:
+    """Checksums of this rank's files: from the writer's side file (removed), or computed here."""
+    side = _checksums_file(folder, rank)
+    if side.is_file():
+        entries = json.loads(side.read_text())
+        side.unlink()
+        return entries
+    fsync_files(folder, only=_written_by(rank))
+    return file_entries(folder, only=_written_by(rank))
 
 
 def _publish_written(
@@ -555,9 +584,7 @@ def _publish_written(
     try:
         for fn in writer_finalize:
             fn()
-        # Every rank flushes and hashes the data files it wrote ('__<rank>_<n>.distcp').
-        fsync_files(tmp, only=_written_by(rank))
-        entries = file_entries(tmp, only=_written_by(rank))
+        entries = _own_entries(tmp, rank)  # the data files this rank wrote, flushed and hashed
     except (Exception, CheckpointException) as exc:
         error = exc
     _raise_on_every_rank(error, save_dir, partial=tmp)
