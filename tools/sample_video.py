@@ -180,6 +180,11 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from megatron_video.training.checkpoint_files import weights_source_problem
+
+    problem = weights_source_problem(args.weights, "--weights")  # before any process group starts
+    if problem:
+        return _error(problem)
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]

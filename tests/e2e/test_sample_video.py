@@ -110,3 +110,22 @@ def test_i2v_model_without_condition_and_t2v_model_with_one(tmp_path):
     cmd = [sys.executable, "tools/sample_video.py", *args, "--weights", str(t2v), "--image", str(image)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "need I2V weights" in done.stderr
+
+
+def test_weights_that_are_not_weights_fail_before_launch(tmp_path):
+    (tmp_path / "notes").mkdir()
+    for weights, found in [
+        (tmp_path / "missing.safetensors", "nothing"),
+        (tmp_path / "notes", "an empty folder"),
+    ]:
+        cmd = [
+            sys.executable,
+            "tools/sample_video.py",
+            "--config",
+            "examples/tiny/t2v.yaml",
+            "--weights",
+            str(weights),
+        ]
+        done = subprocess.run([*cmd, "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"--weights={weights} is neither weights nor a checkpoint: found {found}" in done.stderr
