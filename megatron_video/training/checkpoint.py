@@ -577,7 +577,10 @@ def _publish_written(
     save_dir: Path, tmp: Path, iteration: int, meta: dict, keep_last: int | None, writer_finalize: list
 ) -> None:
     """Collective, once every rank's files are written: flush and hash them, write META_FILE last
-    (rank 0), publish, prune. A failure on any rank removes the folder and raises on every rank."""
+    (rank 0), publish, prune. A failure on any rank removes the folder and raises on every rank.
+    `writer_finalize`: megatron's finalize steps of a background save (empty for a synchronous
+    one, whose pruning then also finishes before returning)."""
+    synchronous = not writer_finalize
     from torch.distributed.checkpoint.api import CheckpointException
 
     rank, entries, error = dist.get_rank(), None, None
@@ -604,7 +607,7 @@ def _publish_written(
     if rank == 0:
         remove_stale_temporaries(save_dir)
         if keep_last is not None:
-            prune_checkpoints(save_dir, keep_last)
+            prune_checkpoints(save_dir, keep_last, in_background=not synchronous)
     dist.barrier()
 
 

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -147,9 +148,12 @@ def publish_checkpoint(save_dir: str | Path, tmp_dir: str | Path, iteration: int
 
 def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
     """Delete temp directories and files left by interrupted saves; return what was removed."""
+    for path, thread in list(_deletions.items()):
+        if not thread.is_alive():
+            _deletions.pop(path, None)
     removed = []
     for entry in Path(save_dir).iterdir():
-        if TMP_MARKER not in entry.name:
+        if TMP_MARKER not in entry.name or entry in _deletions:  # being deleted already
             continue
         if not (entry.name.startswith("iter_") or entry.name.startswith(LATEST_FILE)):
             continue
@@ -161,8 +165,14 @@ def remove_stale_temporaries(save_dir: str | Path) -> list[Path]:
     return removed
 
 
-def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[int]:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+def prune_checkpoints(save_dir: str | Path, keep_last: int, in_background: bool = False) -> list[int]:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names).
+
+    Each is renamed to a temporary name first (so a crash mid-delete leaves only a temporary folder);
+    with `in_background` the files are then deleted by a thread while the caller goes on (a full
+    checkpoint can take seconds to delete); `check_free_space` waits for those deletions when it
+    needs their space.
+    """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     save_dir = Path(save_dir)
@@ -173,12 +183,31 @@ def prune_checkpoints(save_dir: str | Path, keep_last: int) -> list[int]:
         keep.add(latest)
     pruned = []
     for iteration in sorted(set(complete) - keep):
-        # Rename first, so that a crash mid-delete leaves only a temp directory behind.
         doomed = save_dir / f"{complete[iteration].name}{TMP_MARKER}pruned-{uuid.uuid4().hex[:8]}"
         os.rename(complete[iteration], doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if in_background:
+            _delete_in_background(doomed)
+        else:
+            shutil.rmtree(doomed, ignore_errors=True)
         pruned.append(iteration)
     return pruned
+
+
+_deletions: dict[Path, threading.Thread] = {}
+"""Folders this process is deleting in the background."""
+
+
+def _delete_in_background(path: Path) -> None:
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, daemon=True)
+    _deletions[path] = thread
+    thread.start()
+
+
+def wait_for_deletions() -> None:
+    """Block until this process's background deletions are done."""
+    for path, thread in list(_deletions.items()):
+        thread.join()
+        _deletions.pop(path, None)
 
 
 # -- integrity: checksums at save, verification at load ---------------------------------------------
@@ -462,6 +491,9 @@ def check_free_space(save_dir: str | Path, margin: float = 1.1) -> None:
         return
     needed = int(checkpoint_bytes(previous) * margin)
     free = shutil.disk_usage(save_dir).free
+    if free < needed and _deletions:  # space that pruning is still giving back
+        wait_for_deletions()
+        free = shutil.disk_usage(save_dir).free
     if free < needed:
         raise CheckpointSpaceError(
             errno.ENOSPC,
