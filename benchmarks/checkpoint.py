@@ -9,10 +9,11 @@ checkpoint (weights, EMA, Adam moments, fp32 main parameters) with `Trainer`, an
   writer process, then trains on, polling once per step; the time spent in those polls (and in the
   final publish) counts as blocked too.
 
-Both optimizers are measured, one after the other: the distributed optimizer (Megatron's
-`fully_reshardable` format gathers each parameter's optimizer state to data-parallel rank 0 while
-the state dict is built, inside the call, so data-parallel rank 0 writes it all) and the plain one
-(every rank holds its whole state; nothing is gathered).
+Three cases are measured, one after the other: the distributed optimizer stored as
+`fully_reshardable` (Megatron gathers each parameter's optimizer state to data-parallel rank 0 while
+the state dict is built, inside the call, and that rank writes it all), the distributed optimizer as
+`dp_reshardable` (`training.checkpoint.optimizer_format`: every rank writes its own shard, nothing is
+gathered), and the plain optimizer (every rank holds its whole state; nothing is gathered).
 
 Rounds alternate sync and async so that load from other processes reaches both alike; the table
 gives medians over rounds, the blocking-time ratio async / sync, the steps trained while the
@@ -61,7 +62,14 @@ class _SyntheticBatches:
 
 
 def _rank_main(
-    rank, world_size, save_root: str, heads: int, head_dim: int, rounds: int, distributed_optimizer: bool
+    rank,
+    world_size,
+    save_root: str,
+    heads: int,
+    head_dim: int,
+    rounds: int,
+    distributed_optimizer: bool,
+    optimizer_format: str,
 ) -> dict:
     from megatron_video.parallel.setup import setup_parallel
     from megatron_video.platform.launch import init_distributed
@@ -96,6 +104,7 @@ def _rank_main(
             trainer.ema,
             keep_last=1,
             background=background,
+            optimizer_format=optimizer_format,
         )
 
     background = BackgroundSaves()
@@ -155,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     heads, head_dim, rounds = (4, 32, 1) if args.quick else (8, 64, args.rounds)
 
     report = {}
-    for optimizer in ("distributed", "plain"):
+    cases = [
+        ("distributed optimizer, fully_reshardable", True, "fully_reshardable"),
+        ("distributed optimizer, dp_reshardable", True, "dp_reshardable"),
+        ("plain optimizer", False, "fully_reshardable"),
+    ]
+    for name, distributed, optimizer_format in cases:
         with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as root:
             per_rank = run_distributed(
                 _rank_main,
@@ -164,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
                 heads,
                 head_dim,
                 rounds,
-                optimizer == "distributed",
+                distributed,
+                optimizer_format,
                 timeout_s=3600,
             )
-        report[optimizer] = per_rank
-        _print_table(optimizer, per_rank, rounds)
+        report[name] = per_rank
+        _print_table(name, per_rank, rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
@@ -180,9 +195,7 @@ def _print_table(optimizer: str, per_rank: list[dict], rounds: int) -> None:
     size = median("checkpoint_bytes")
     sync = max(median("sync_s", r) for r in range(2))  # the loop waits for the slower rank
     blocked = max(median("async_blocked_s", r) for r in range(2))
-    print(
-        f"\n{optimizer} optimizer: checkpoint {size / 2**20:.0f} MiB (2 ranks, DP=2), {rounds} round(s), medians"
-    )
+    print(f"\n{optimizer}: checkpoint {size / 2**20:.0f} MiB (2 ranks, DP=2), {rounds} round(s), medians")
     print(f"{'':32}{'seconds':>10}")
     print(f"{'sync save, loop blocked':32}{sync:>10.2f}")
     print(f"{'async save, loop blocked':32}{blocked:>10.2f}")

@@ -102,6 +102,12 @@ class CheckpointConfig:
     continues, and another run's checkpoints in `save_dir` are never pruned away unread). A path that
     does not exist or holds no checkpoint is an error before launch."""
 
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is stored. fully_reshardable: loads at any TP / PP / CP /
+    DP and into the plain optimizer, but each save gathers the optimizer state to data-parallel rank
+    0, which writes it (slow at scale, and it blocks an async save while it runs). dp_reshardable:
+    every rank writes its own shard with no gather; a resume must keep TP / PP / CP (DP may change)."""
+
     async_save: bool = False
     """Write periodic checkpoints in a background process per rank while training continues
     (Megatron core's async dist-checkpoint save); a checkpoint is published (`latest`) only after

@@ -90,9 +90,13 @@ FORMAT = "megatron_video.checkpoint/1"
 EMA_PREFIX = "ema."
 
 DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
-"""Megatron's sharding type for the distributed optimizer: reshardable over TP, PP and DP. At save it
-all-gathers each parameter's optimizer state over the data-parallel group (megatron's default,
-non-memory-efficient variant), so every rank briefly holds its model-parallel shard of the full state."""
+"""Megatron's sharding type for the distributed optimizer by default: reshardable over TP, PP and DP.
+At save it gathers each parameter's optimizer state over the data-parallel group to DP rank 0
+(megatron's default, non-memory-efficient variant), which then writes it. The other format,
+'dp_reshardable' (`training.checkpoint.optimizer_format`), has every rank write its own shard
+without any gather, and reshards over DP only."""
+
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 
 MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
 """Model config fields that do not change the saved tensors; every other field must match."""
@@ -247,13 +251,13 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(part, DistributedOptimizer) for part in optimizer_parts(optimizer))
 
 
-def _describe_optimizer(optimizer) -> dict[str, Any] | None:
+def _describe_optimizer(optimizer, sharding: str) -> dict[str, Any] | None:
     if optimizer is None:
         return None
     distributed = _is_distributed(optimizer)
     return {
         "distributed": distributed,
-        "sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING if distributed else None,
+        "sharding_type": sharding if distributed else None,
         "parts": [_optimizer_kind(part) for part in optimizer_parts(optimizer)],
     }
 
@@ -286,6 +290,13 @@ def _optimizer_conversion(saved: dict, optimizer) -> str | None:
         and {current[0], saved_parts[0]} == _CROSS_KIND
         and (not saved["distributed"] or saved["sharding_type"] == "fully_reshardable")
     )
+    if saved["distributed"] and saved["sharding_type"] != "fully_reshardable":
+        raise CheckpointMismatchError(
+            f"the checkpoint stores the distributed optimizer as {saved['sharding_type']} (training.checkpoint."
+            "optimizer_format), which does not convert to the plain optimizer this run uses (data parallel "
+            "1, or distributed_optimizer=false); resume with the distributed optimizer at data parallel > 1, "
+            "or load without the optimizer"
+        )
     if not convertible:
         raise CheckpointMismatchError(
             f"the checkpoint's optimizer {saved_parts} (use_distributed_optimizer={saved['distributed']}) "
@@ -418,8 +429,11 @@ def _ema_sharded_state(model_chunks: list, ema: ParamEMA) -> dict[str, Any]:
     return entries
 
 
-def _sharded_state(model_chunks, optimizer, ema, rng_state: dict | None, is_loading: bool) -> dict[str, Any]:
-    """The sharded part: model chunks, optimizer, EMA, this rank's RNG streams (when given)."""
+def _sharded_state(
+    model_chunks, optimizer, ema, rng_state: dict | None, is_loading: bool, sharding: str
+) -> dict[str, Any]:
+    """The sharded part: model chunks, optimizer (distributed: in format `sharding`), EMA, this rank's
+    RNG streams (when given)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
     state: dict[str, Any] = {}
@@ -430,7 +444,7 @@ def _sharded_state(model_chunks, optimizer, ema, rng_state: dict | None, is_load
             dict(state),
             is_loading=is_loading,
             metadata={
-                "distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING,
+                "distrib_optim_sharding_type": sharding,
                 "chained_optim_avoid_prefix": True,
             },
         )
@@ -462,6 +476,7 @@ def save_checkpoint(
     ema: ParamEMA | None = None,
     keep_last: int | None = None,
     background=None,
+    optimizer_format: str = DISTRIBUTED_OPTIMIZER_SHARDING,
 ) -> Path:
     """Save a checkpoint of iteration `iteration` on every rank (collective); return its directory.
 
@@ -472,6 +487,7 @@ def save_checkpoint(
     background: a `BackgroundSaves` (training/async_save.py): the state is snapshotted now, the
     files are written by a forked process while training goes on, and the checkpoint is verified and
     published when the queue finalizes it on every rank (the returned directory exists only then).
+    optimizer_format: how a distributed optimizer's state is stored (OPTIMIZER_FORMATS).
 
     A failure on any rank (a full disk, a write error) raises on every rank, with the same message,
     after the partial folder was removed; the previous checkpoint and `latest` are untouched. A disk
@@ -483,6 +499,8 @@ def save_checkpoint(
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format must be one of {OPTIMIZER_FORMATS}, got {optimizer_format!r}")
     save_dir = Path(save_dir)
     rank = dist.get_rank()
     if background is not None:
@@ -509,7 +527,7 @@ def save_checkpoint(
     try:
         if optimizer is not None:
             init_torch_adam_state(optimizer)
-        state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, is_loading=False)
+        state = _sharded_state(model_chunks, optimizer, ema, rng_before_save, False, optimizer_format)
         state["iteration"] = iteration
         state["train_state"] = _train_state_json(train_state)  # a string: nothing to unpickle at load
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
@@ -524,7 +542,7 @@ def save_checkpoint(
         "format": FORMAT,
         "iteration": iteration,
         "layout": current_layout(model_plan(model_chunks)),
-        "optimizer": _describe_optimizer(optimizer),
+        "optimizer": _describe_optimizer(optimizer, optimizer_format),
         "model": _describe_model(model_chunks),
         "has_ema": ema is not None,
         "has_scheduler": scheduler is not None,
@@ -685,6 +703,25 @@ def _read_train_state(value: Any, path: Path) -> dict:
     return dict(json.loads(value, object_hook=_decode_config))
 
 
+def _load_sharding(meta: dict, plan: ParallelPlan, conversion: str | None) -> str:
+    """The distributed-optimizer format to request: the saved one; 'dp_reshardable' state only into
+    the model-parallel layout that wrote it."""
+    saved = (meta["optimizer"] or {}).get("sharding_type") or DISTRIBUTED_OPTIMIZER_SHARDING
+    if conversion is not None or saved == DISTRIBUTED_OPTIMIZER_SHARDING:
+        return DISTRIBUTED_OPTIMIZER_SHARDING
+    fixed = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel")
+    now = current_layout(plan)
+    changed = [f"{k} {meta['layout'][k]} -> {now[k]}" for k in fixed if meta["layout"].get(k) != now[k]]
+    if changed:
+        raise CheckpointMismatchError(
+            f"checkpoint {meta['path']} stores the distributed optimizer as {saved} (training.checkpoint."
+            f"optimizer_format), which reshards over data parallel only; this run changes {', '.join(changed)}. "
+            "Resume at the saving layout (and save once with optimizer_format=fully_reshardable to change it), "
+            "or load without the optimizer"
+        )
+    return saved
+
+
 def _request_moments_only(state: dict, num_chunks: int) -> dict[int, torch.Tensor]:
     """Drop the main parameters from a distributed optimizer's load request; return their params.
 
@@ -749,9 +786,14 @@ def load_checkpoint(
     if wanted_optimizer is not None:
         conversion = _optimizer_conversion(meta["optimizer"], wanted_optimizer)
         init_torch_adam_state(wanted_optimizer)
+    sharding = (
+        _load_sharding(meta, plan, conversion)
+        if wanted_optimizer is not None
+        else DISTRIBUTED_OPTIMIZER_SHARDING
+    )
     rng_template = capture_rng_state() if same_layout else None
     state = _sharded_state(
-        model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, is_loading=True
+        model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, True, sharding
     )
     fp32_params = _request_moments_only(state, len(model_chunks)) if conversion == "to_distributed" else {}
     loaded = dist_checkpointing.load(

@@ -94,7 +94,8 @@ def _load_distributed_part(part, state: dict) -> None:
     }
     if sharding_type not in loaders:
         raise CheckpointMismatchError(f"unknown distributed-optimizer sharding type {sharding_type!r}")
-    loaders[sharding_type](param_state)
+    with torch.no_grad():  # the dp_reshardable loader copies into main parameters outside no_grad
+        loaders[sharding_type](param_state)
     for p, step in steps.items():
         adam.state[p]["step"] = step.detach().clone()
 

@@ -377,6 +377,7 @@ def _save(trainer: Trainer, batches, cfg: ExperimentConfig, background: Backgrou
         ema=trainer.ema,
         keep_last=cfg.training.checkpoint.keep_last,
         background=background,
+        optimizer_format=cfg.training.checkpoint.optimizer_format,
     )
 
 
