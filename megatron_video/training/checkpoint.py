@@ -93,8 +93,9 @@ DISTRIBUTED_OPTIMIZER_SHARDING = "fully_reshardable"
 all-gathers each parameter's optimizer state over the data-parallel group (megatron's default,
 non-memory-efficient variant), so every rank briefly holds its model-parallel shard of the full state."""
 
-MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
-"""Model config fields that do not change the saved tensors; every other field must match."""
+MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"family", "flavor", "recompute", "recompute_num_layers", "init_std"})
+"""Model config fields that do not change the saved tensors; every other field must match. (`family`
+is checked through the model class; checkpoints from before families have none.)"""
 
 
 # -- 1. Files: names, `latest`, publishing and pruning are in checkpoint_files.py ----------------

@@ -33,6 +33,7 @@ from megatron_video.data.config import (
     SampleGeometry,
     TextConfig,
 )
+from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.suv.config import SUVConfig
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -156,6 +157,7 @@ def test_cp_frames_valid_example_from_reference():
         RuntimeConfig,
         ShapeConfig,
         SUVConfig,
+        OpenSoraDiTConfig,
         TrainingConfig,
         ObjectiveConfig,
         OptimizerConfig,
@@ -229,3 +231,26 @@ def test_flavor_is_expanded_in_one_place():
     assert SUVConfig.from_flavor("tiny", num_heads=8) == build_config({"model": fields}).model
     with pytest.raises(ConfigError, match="unknown model.flavor"):
         with_flavor({"flavor": "70B"})
+
+
+def test_model_family_is_a_validated_config_choice(tmp_path):
+    """`model.family` picks the config class (flavor and version expanded for it), inherits and
+    overrides like any field, and a bad choice or geometry fails before launch naming the field."""
+    (tmp_path / "dit.yaml").write_text(
+        "model: {family: opensora_dit, flavor: tiny, version: v1.2}\nshape: {num_frames: 1, height: 64, "
+        "width: 64, text_length: 8}\nvae: {flavor: tiny}\n"
+    )
+    cfg = load_config(tmp_path / "dit.yaml", ["model.version=v1.3", "model.num_heads=8"])
+    assert isinstance(cfg.model, OpenSoraDiTConfig) and cfg.model.family == "opensora_dit"
+    assert (cfg.model.in_channels, cfg.model.sparse_n, cfg.model.num_heads) == (8, 4, 8)  # v1.3 preset
+    assert isinstance(load_config(EXAMPLES / "tiny" / "base.yaml").model, SUVConfig)  # suv by default
+    with pytest.raises(ConfigError, match="unknown model.family 'dit'"):
+        load_config(tmp_path / "dit.yaml", ["model.family=dit"])
+    with pytest.raises(ConfigError, match="model.num_heads=4 must be divisible"):
+        load_config(tmp_path / "dit.yaml", ["parallel.tensor_parallel=4", "parallel.context_parallel=2"])
+    with pytest.raises(ConfigError, match="model.sparse_n=8: Skiparse"):
+        load_config(tmp_path / "dit.yaml", ["model.sparse_n=8", "shape.height=32", "shape.width=32"])
+    with pytest.raises(ConfigError, match="select no block"):
+        load_config(tmp_path / "dit.yaml", ["model.version=v1.3", "model.sparse_start=6"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.sparse_n_list'"):
+        load_config(tmp_path / "dit.yaml", ["model.sparse_n_list=[1]"])
