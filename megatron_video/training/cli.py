@@ -53,7 +53,7 @@ def run_entry_point(body: Callable[[], None]) -> int:
 def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"pretrain_{task}.py",
-        description=f"Train the SUV denoiser ({task.upper()}) on Megatron core. Launch with torchrun or msrun.",
+        description=f"Train the model.family denoiser ({task.upper()}) on Megatron core. Launch with torchrun or msrun.",
     )
     _config_arguments(parser, "stage config", "training.steps=100 parallel.tensor_parallel=2", optional=True)
     parser.add_argument("--curriculum", help="curriculum YAML listing stages to run in order")

@@ -68,3 +68,33 @@ def test_dit_flops_count_every_matmul():
     per_block = 2 * (4 * n * d * d + 2 * n * d * d + 2 * t * d * d + 2 * 4 * n * d * d)  # projections, FFN
     per_block += 2 * (2 * n * n * d + 2 * n * t * d)  # self- and cross-attention scores and values
     assert denoisers.flops_per_sample(m, n, t) == pytest.approx(3 * m.num_layers * per_block)
+
+
+def test_sample_video_rebuilds_the_model_a_released_folder_or_export_records(tmp_path):
+    """tools/sample_video.py takes the model (family, geometry, I2V) from the weights: a released
+    folder's config.json or a flat export's .json, and loads either into the rebuilt model."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from megatron_video.models.opensora_dit.state_dict_adapter import save_open_sora_plan_folder
+    from megatron_video.training.export import save_flat
+
+    spec = importlib.util.spec_from_file_location("sample_video", "tools/sample_video.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = tiny_dit_config(version="v1.3", sparse_stop=6)  # the released Skiparse range for 6 blocks
+    plan = build_parallel_plan(cfg)
+    model = denoisers.build_model(cfg.model, plan, "sdpa", mask_channels=4)
+    state = randomize(model, seed=5)
+    save_open_sora_plan_folder(tmp_path / "released", state, cfg.model, 4)
+    save_flat(tmp_path / "export", state, cfg.model)
+    inputs = random_dit_inputs(cfg, 1, 2, 8, 8, 8, seed=6, inpaint_mask_channels=4)
+    with torch.no_grad():
+        expected = model(**inputs)
+    for weights in (tmp_path / "released", tmp_path / "export.safetensors"):
+        saved = tool.weights_model_config(str(weights))
+        assert dataclasses.replace(saved, flavor="tiny") == cfg.model and tool.has_inpainting_weights(str(weights))
+        rebuilt = denoisers.build_model(saved, plan, "sdpa", mask_channels=4)
+        tool.load_weights(rebuilt, SimpleNamespace(plan=plan), str(weights), raw=False)
+        with torch.no_grad():
+            assert torch.equal(rebuilt(**inputs), expected), weights
