@@ -418,10 +418,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-block", action="store_true", help="skip the SUV block comparison")
     parser.add_argument("--dit-tokens", type=int, default=4096, help="video tokens of the v1.3 DiT block")
     parser.add_argument("--dit-heads", type=int, default=8, help="heads of the DiT block (the release: 24)")
-    parser.add_argument("--dit-head-dim", type=int, default=96, help="head dim of the DiT block (the release: 96)")
-    parser.add_argument("--dit-sparse-n", type=int, nargs="+", default=[4], help="k of the DiT block (v1.3: 4)")
+    parser.add_argument(
+        "--dit-head-dim", type=int, default=96, help="head dim of the DiT block (the release: 96)"
+    )
+    parser.add_argument(
+        "--dit-sparse-n", type=int, nargs="+", default=[4], help="k of the DiT block (v1.3: 4)"
+    )
     parser.add_argument("--no-dit-block", action="store_true", help="skip the v1.3 DiT block comparison")
-    parser.add_argument("--only-dit-block", action="store_true", help="run only the v1.3 DiT block comparison")
+    parser.add_argument(
+        "--only-dit-block", action="store_true", help="run only the v1.3 DiT block comparison"
+    )
     parser.add_argument("--quick", action="store_true", help="N=1024, d=64, k 2 4, 2 rounds: under a minute")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
@@ -436,7 +442,9 @@ def run_dit_block(args) -> list[dict]:
     """The v1.3 DiT block with Skiparse self-attention against the same weights dense, printed as a table."""
     init_single_process()
     n, h, d = args.dit_tokens, args.dit_heads, args.dit_head_dim
-    runs = run_round_robin(dit_block_steps(n, args.text_len, h, d, args.dit_sparse_n, args.modes), args.repeats)
+    runs = run_round_robin(
+        dit_block_steps(n, args.text_len, h, d, args.dit_sparse_n, args.modes), args.repeats
+    )
     rows = block_rows(runs, n, h, d, args.dit_sparse_n, args.modes)
     print(
         f"\nOpen-Sora-Plan v1.3 DiT block forward + backward, N={n}, L={args.text_len}, width D = {h} heads x "

@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="folder to write (config.json + diffusion_pytorch_model.safetensors)")
     p.set_defaults(run=dit_flat_to_folder)
     p = sub.add_parser(
-        "dit-folder-to-checkpoint", help="released DiT folder -> our training checkpoint (step 0), launched layout"
+        "dit-folder-to-checkpoint",
+        help="released DiT folder -> our training checkpoint (step 0), launched layout",
     )
     p.add_argument("src", help="released folder (config.json + weights)")
     p.add_argument("dst", help="checkpoint directory to create (e.g. <stage dir>/checkpoints)")

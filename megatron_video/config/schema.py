@@ -32,7 +32,6 @@ from megatron_video.models.suv.config import SUVConfig
 from megatron_video.models.suv.config import with_flavor as suv_with_flavor
 from megatron_video.models.text.config import TextEncoderPairConfig
 
-
 ModelConfig = SUVConfig | OpenSoraDiTConfig
 """Any denoiser's config; its `family` field says which (a tagged union)."""
 
@@ -321,7 +320,11 @@ class ExperimentConfig:
                     f"{self.shape.height}x{self.shape.width}) has {tokens} tokens; lower model.sparse_n to at "
                     f"most {int(tokens**0.5)} or train larger samples"
                 )
-        if self.features.cache_dir is None and self.data.data_list is not None and self.text.pooled is not None:
+        if (
+            self.features.cache_dir is None
+            and self.data.data_list is not None
+            and self.text.pooled is not None
+        ):
             raise ConfigError(
                 "model.family=opensora_dit reads only token states (no pooled text); remove text.pooled"
             )

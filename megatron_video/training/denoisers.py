@@ -62,9 +62,7 @@ def build_model(
         return model
     from megatron_video.models.suv.model import SUVModel
 
-    return SUVModel(
-        model_cfg, plan, attention_backend, inpaint_mask_channels=mask_channels, blocks=blocks
-    )
+    return SUVModel(model_cfg, plan, attention_backend, inpaint_mask_channels=mask_channels, blocks=blocks)
 
 
 def _v12_mask_layout(module, args, kwargs):
@@ -170,7 +168,9 @@ def flops_per_sample(model_cfg: ModelConfig, video_tokens: int, text_tokens: int
 
     m = model_cfg
     if isinstance(m, SUVConfig):
-        return model_flops_per_sample(m.total_layers, m.hidden_size, video_tokens, text_tokens, m.block_sparse_n)
+        return model_flops_per_sample(
+            m.total_layers, m.hidden_size, video_tokens, text_tokens, m.block_sparse_n
+        )
     # Per DiT block (multiply-adds x 2): self-attention q/k/v/out 8 N D^2, cross-attention q/out 4 N D^2
     # and k/v 4 L D^2, FFN 4 ff_mult N D^2; scores and values 4 (N/k) N D (self) + 4 N L D (cross).
     n, t, d = video_tokens, text_tokens, m.hidden_size
@@ -178,4 +178,3 @@ def flops_per_sample(model_cfg: ModelConfig, video_tokens: int, text_tokens: int
     for k in m.block_sparse_n:
         total += (12 + 4 * m.ff_mult) * n * d * d + 4 * t * d * d + 4 * (n / k) * n * d + 4 * n * t * d
     return 3 * total
-

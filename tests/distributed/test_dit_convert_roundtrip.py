@@ -67,7 +67,13 @@ def _worker(rank: int, world: int, paths: dict) -> dict:
 
     tool, config = load_tool(), paths["config"]
     tp2 = ["parallel.tensor_parallel=2", "--task", "i2v"]
-    convert = ["dit-folder-to-checkpoint", paths["folder"], paths["ckpt_tp2"], "--ema-src", paths["folder_ema"]]
+    convert = [
+        "dit-folder-to-checkpoint",
+        paths["folder"],
+        paths["ckpt_tp2"],
+        "--ema-src",
+        paths["folder_ema"],
+    ]
     tool.main([*convert, "--config", config, *tp2])
     model = build_dit(load_config(config, tp2[:1]), inpaint_mask_channels=4)
     ema = ParamEMA(model, 0.0)
@@ -123,7 +129,18 @@ def test_released_folder_to_tp2_to_pp2_to_flat_to_released_folder(megatron_singl
     for name in ("ckpt_tp2", "ckpt_pp2"):
         for flag, folder in (([], folders["folder"]), (["--ema"], folders["folder_ema"])):
             flat = tmp_path / f"{name}{'_ema' if flag else ''}"
-            tool.main(["checkpoint-to-flat", paths[name], str(flat), "--task", "i2v", "--config", str(config), *flag])
+            tool.main(
+                [
+                    "checkpoint-to-flat",
+                    paths[name],
+                    str(flat),
+                    "--task",
+                    "i2v",
+                    "--config",
+                    str(config),
+                    *flag,
+                ]
+            )
             assert json.loads(flat.with_suffix(".json").read_text())["family"] == "opensora_dit"
             back = tmp_path / f"{flat.name}_released"
             tool.main(["dit-flat-to-folder", str(flat.with_suffix(".safetensors")), str(back)])

@@ -23,7 +23,16 @@ pytestmark = pytest.mark.e2e
 
 
 def _torchrun(script: str, port: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), script]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        script,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -45,7 +54,9 @@ def test_dit_t2v_then_i2v_stage_then_sample(demo_data, tmp_path):
     saved = json.loads((tmp_path / "t2v" / "final_ema.json").read_text())
     assert (saved["family"], saved["version"], saved["sparse_n"]) == ("opensora_dit", "v1.3", 4)
     t2v_weights = load_file(tmp_path / "t2v" / "final_ema.safetensors")
-    assert any(k.startswith("blocks.5.") for k in t2v_weights) and not any(k.startswith("inpaint.") for k in t2v_weights)
+    assert any(k.startswith("blocks.5.") for k in t2v_weights) and not any(
+        k.startswith("inpaint.") for k in t2v_weights
+    )
 
     init = f"training.checkpoint.init_from={tmp_path / 't2v' / 'final_ema.safetensors'}"
     i2v = _stage("pretrain_i2v.py", "examples/tiny/dit_i2v.yaml", tmp_path / "i2v", demo_data, 29711, init)

@@ -289,7 +289,11 @@ def test_dit_recipe_stages_validate_for_512_devices(recipe, expected):
     }
     for spec in stages:
         d = load_config(spec.config, ["data.data_list=null"]).data
-        largest = [f"shape.num_frames={d.num_frames}", f"shape.height={d.max_height}", f"shape.width={d.max_width}"]
+        largest = [
+            f"shape.num_frames={d.num_frames}",
+            f"shape.height={d.max_height}",
+            f"shape.width={d.max_width}",
+        ]
         cfg = load_config(spec.config, ["data.data_list=null", "parallel.world_size=512", *largest])
         cfg.data.validate(cfg.sample_geometry)
         assert (cfg.latent_grid, cfg.parallel.context_parallel) == expected[spec.name], spec.name

@@ -28,7 +28,9 @@ def test_i2v_starts_from_t2v_as_released_and_equals_it(version):
     i2v = denoisers.build_model(cfg.model, plan, "sdpa", mask_channels=4)
     weights, may_stay_new = denoisers.transition_weights(full, cfg.model, cfg, i2v.state_dict(), "t2v")
     missing, unexpected = i2v.load_state_dict(weights, strict=False)
-    assert not unexpected and not [k for k in missing if not k.endswith("_extra_state")] and may_stay_new == ()
+    assert (
+        not unexpected and not [k for k in missing if not k.endswith("_extra_state")] and may_stay_new == ()
+    )
     assert torch.equal(i2v.inpaint.masked_video_embed.proj.weight, full["patch_embed.proj.weight"])
     copies_mask = torch.equal(i2v.inpaint.mask_embed.proj.weight, full["patch_embed.proj.weight"])
     assert copies_mask == (version == "v1.2")  # v1.2's mask embedding has the latent channel count
@@ -52,7 +54,9 @@ def test_v12_i2v_takes_the_shared_mask_layout_and_converts_it():
 
 def test_family_change_and_geometry_change_are_refused():
     dit, suv = tiny_dit_config(), tiny_config()
-    with pytest.raises(ConfigError, match="model.family=suv model but this stage trains model.family=opensora_dit"):
+    with pytest.raises(
+        ConfigError, match="model.family=suv model but this stage trains model.family=opensora_dit"
+    ):
         denoisers.transition_weights({}, suv.model, dit, {}, "x.safetensors")
     wider = dataclasses.replace(dit.model, num_heads=8)
     with pytest.raises(ConfigError, match="model.num_heads: weights 8, this stage 4"):
@@ -93,7 +97,9 @@ def test_sample_video_rebuilds_the_model_a_released_folder_or_export_records(tmp
         expected = model(**inputs)
     for weights in (tmp_path / "released", tmp_path / "export.safetensors"):
         saved = tool.weights_model_config(str(weights))
-        assert dataclasses.replace(saved, flavor="tiny") == cfg.model and tool.has_inpainting_weights(str(weights))
+        assert dataclasses.replace(saved, flavor="tiny") == cfg.model and tool.has_inpainting_weights(
+            str(weights)
+        )
         rebuilt = denoisers.build_model(saved, plan, "sdpa", mask_channels=4)
         tool.load_weights(rebuilt, SimpleNamespace(plan=plan), str(weights), raw=False)
         with torch.no_grad():
