@@ -158,40 +158,54 @@ def attention_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns,
     return steps
 
 
-def block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
-    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<sparse_n>', same weights."""
-    cfg = tiny_config(num_heads=heads, head_dim=head_dim)
-    plan = build_parallel_plan(cfg)
-    dense = SUVBlock(cfg.model, plan, sparse_n=1, group=False)
-    gen = torch.Generator().manual_seed(0)
-    d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
-    x_SBD = torch.randn(n, 1, d, generator=gen).requires_grad_()
-    c_LBD = torch.randn(num_text, 1, d, generator=gen).requires_grad_()
-    temb_BE = torch.randn(1, e, generator=gen).requires_grad_()
-    grads = (torch.randn(n, 1, d, generator=gen), torch.randn(num_text, 1, d, generator=gen))
-    side = 32
-    while n % (side * side):
-        side //= 2
-    rope = rope_3d_tables((n // (side * side), side, side), head_dim)
-    video_keep_BN = torch.ones(1, n, dtype=torch.bool)
-    text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
+def _sparse_vs_dense_steps(block_cls, model_cfg, plan, inputs, grads, sparse_ns, modes) -> dict:
+    """'dense' and '<mode> k=<sparse_n>' forward + backward closures of `block_cls` on the same weights
+    (each sparse block load_state_dict's the dense one); `inputs` are the block's positional arguments."""
+    dense = block_cls(model_cfg, plan, sparse_n=1, group=False)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
-    def make(block: SUVBlock) -> Callable[[], None]:
-        wrt = [x_SBD, c_LBD, temb_BE, *block.parameters()]
+    def make(block) -> Callable[[], None]:
+        wrt = [*leaves, *block.parameters()]
 
         def step() -> None:
-            out = block(x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL, "sdpa")
-            torch.autograd.grad(out, wrt, grads, allow_unused=True)
+            torch.autograd.grad(block(*inputs, "sdpa"), wrt, grads, allow_unused=True)
 
         return step
 
     steps = {"dense": make(dense)}
     for mode in modes:
         for sparse_n in sparse_ns:
-            block = SUVBlock(cfg.model, plan, sparse_n=sparse_n, group=MODES[mode])
+            block = block_cls(model_cfg, plan, sparse_n=sparse_n, group=MODES[mode])
             block.load_state_dict(dense.state_dict())
             steps[f"{mode} k={sparse_n}"] = make(block)
     return steps
+
+
+def _video_grid(n: int) -> tuple[int, int, int]:
+    """(T, H, W) latent-token grid of N tokens with square frames of up to 32 x 32."""
+    side = 32
+    while n % (side * side):
+        side //= 2
+    return n // (side * side), side, side
+
+
+def block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
+    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<sparse_n>', same weights."""
+    cfg = tiny_config(num_heads=heads, head_dim=head_dim)
+    gen = torch.Generator().manual_seed(0)
+    d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
+    inputs = (
+        torch.randn(n, 1, d, generator=gen).requires_grad_(),  # x_SBD
+        torch.randn(num_text, 1, d, generator=gen).requires_grad_(),  # c_LBD
+        torch.randn(1, e, generator=gen).requires_grad_(),  # temb_BE
+        rope_3d_tables(_video_grid(n), head_dim),
+        torch.ones(1, n, dtype=torch.bool),  # video_keep_BN
+        torch.ones(1, num_text, dtype=torch.bool),  # text_keep_BL
+    )
+    grads = (torch.randn(n, 1, d, generator=gen), torch.randn(num_text, 1, d, generator=gen))
+    return _sparse_vs_dense_steps(
+        SUVBlock, cfg.model, build_parallel_plan(cfg), inputs, grads, sparse_ns, modes
+    )
 
 
 def dit_block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
@@ -200,37 +214,20 @@ def dit_block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns,
     from megatron_video.testing.opensora_dit import tiny_dit_config
 
     cfg = tiny_dit_config(num_heads=heads, head_dim=head_dim, caption_channels=64)
-    plan = build_parallel_plan(cfg)
-    dense = DiTBlock(cfg.model, plan, sparse_n=1, group=False)
     gen = torch.Generator().manual_seed(0)
     d = cfg.model.hidden_size
-    x_SBD = torch.randn(n, 1, d, generator=gen).requires_grad_()
-    c_LBD = torch.randn(num_text, 1, d, generator=gen).requires_grad_()
-    t6_6BD = torch.randn(6, 1, d, generator=gen).requires_grad_()
+    inputs = (
+        torch.randn(n, 1, d, generator=gen).requires_grad_(),  # x_SBD
+        torch.randn(num_text, 1, d, generator=gen).requires_grad_(),  # c_LBD
+        torch.randn(6, 1, d, generator=gen).requires_grad_(),  # t6_6BD
+        rope_3d_tables(_video_grid(n), head_dim, axis_dims=(head_dim // 3,) * 3),
+        torch.ones(1, n, dtype=torch.bool),  # video_keep_BN
+        torch.ones(1, num_text, dtype=torch.bool),  # text_keep_BL
+    )
     grad = torch.randn(n, 1, d, generator=gen)
-    side = 32
-    while n % (side * side):
-        side //= 2
-    rope = rope_3d_tables((n // (side * side), side, side), head_dim, axis_dims=(head_dim // 3,) * 3)
-    video_keep_BN = torch.ones(1, n, dtype=torch.bool)
-    text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
-
-    def make(block: DiTBlock) -> Callable[[], None]:
-        wrt = [x_SBD, c_LBD, t6_6BD, *block.parameters()]
-
-        def step() -> None:
-            out = block(x_SBD, c_LBD, t6_6BD, rope, video_keep_BN, text_keep_BL, "sdpa")
-            torch.autograd.grad(out, wrt, grad, allow_unused=True)
-
-        return step
-
-    steps = {"dense": make(dense)}
-    for mode in modes:
-        for sparse_n in sparse_ns:
-            block = DiTBlock(cfg.model, plan, sparse_n=sparse_n, group=MODES[mode])
-            block.load_state_dict(dense.state_dict())
-            steps[f"{mode} k={sparse_n}"] = make(block)
-    return steps
+    return _sparse_vs_dense_steps(
+        DiTBlock, cfg.model, build_parallel_plan(cfg), inputs, grad, sparse_ns, modes
+    )
 
 
 def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes):
@@ -395,8 +392,9 @@ def why(attn_rows, blk_rows) -> list[str]:
 
 def init_single_process() -> None:
     """One-process gloo group and megatron's parallel state (all sizes 1)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():  # already set up (the SUV block ran before the DiT block)
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     initialize_model_parallel(tiny_config())
 
 

@@ -572,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, what in (
         ("osp-to-checkpoint", osp_to_checkpoint, "released v1.5 denoiser (.pt / .safetensors)"),
         ("flat-to-checkpoint", flat_to_checkpoint, "our flat export (.safetensors + .json)"),
+        ("dit-folder-to-checkpoint", dit_folder_to_checkpoint, "released v1.2 / v1.3 DiT folder"),
     ):
         p = sub.add_parser(name, help=f"{what} -> our training checkpoint (step 0) in the launched layout")
         p.add_argument("src", help=what)
@@ -588,15 +589,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="folder to write (config.json + diffusion_pytorch_model.safetensors)")
     p.set_defaults(run=dit_flat_to_folder)
-    p = sub.add_parser(
-        "dit-folder-to-checkpoint",
-        help="released DiT folder -> our training checkpoint (step 0), launched layout",
-    )
-    p.add_argument("src", help="released folder (config.json + weights)")
-    p.add_argument("dst", help="checkpoint directory to create (e.g. <stage dir>/checkpoints)")
-    p.add_argument("--ema-src", default=None, help="released folder of the EMA weights (default: SRC)")
-    _stage_arguments(p)
-    p.set_defaults(run=dit_folder_to_checkpoint)
     p = sub.add_parser("checkpoint-to-flat", help="our training checkpoint (any layout) -> flat export")
     p.add_argument("src", help="checkpoint directory (with `latest`) or one iter_* directory")
     p.add_argument("dst", help="output path without suffix (writes .safetensors and .json)")
