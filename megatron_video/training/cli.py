@@ -119,18 +119,21 @@ def main(task: str, argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from megatron_video.config import load_config
+        from megatron_video.training.denoisers import inpaint_mask_channels
         from megatron_video.training.stage import run_curriculum, run_stage, stage_configs
 
         if args.curriculum:
             overrides = [args.config, *args.overrides] if args.config else args.overrides
             produced: tuple[Path, ...] = ()
-            for _, cfg, stage_dir in stage_configs(args.curriculum, overrides):
+            for spec, cfg, stage_dir in stage_configs(args.curriculum, overrides):
                 check_inputs(cfg, produced)
+                inpaint_mask_channels(cfg, spec.task)  # the task's model fits the VAE (v1.2 I2V)
                 produced += (stage_dir,)
             run_curriculum(args.curriculum, overrides)
         else:
             cfg = load_config(args.config, args.overrides)
             check_inputs(cfg)
+            inpaint_mask_channels(cfg, task)
             run_stage(cfg, task, args.stage_dir or Path("outputs") / Path(args.config).stem)
 
     return run_entry_point(body)

@@ -104,3 +104,23 @@ def test_sample_video_rebuilds_the_model_a_released_folder_or_export_records(tmp
         tool.load_weights(rebuilt, SimpleNamespace(plan=plan), str(weights), raw=False)
         with torch.no_grad():
             assert torch.equal(rebuilt(**inputs), expected), weights
+
+
+def test_v12_i2v_needs_a_vae_whose_temporal_stride_is_its_channel_count(capsys):
+    """v1.2 embeds the I2V mask with its latent channel count; the entry scripts check the task's
+    model against the VAE before launch (training/cli.py)."""
+    from megatron_video.config import build_config
+    from megatron_video.training.cli import main
+
+    cfg = tiny_dit_config(version="v1.2")  # the default VAE: WF-VAE 8x8x8
+    assert denoisers.inpaint_mask_channels(cfg, "t2v") is None
+    with pytest.raises(ConfigError, match="VAE temporal stride .*: 8. must equal it"):
+        denoisers.inpaint_mask_channels(cfg, "i2v")
+    causal = build_config(
+        {"model": {"family": "opensora_dit", "flavor": "tiny", "version": "v1.2"}, "vae": {"kind": "causal_vae",
+         "flavor": "causal_vae_4x8x8_d4"}, "shape": {"height": 64, "width": 64, "text_length": 8}}
+    )  # fmt: skip
+    assert denoisers.inpaint_mask_channels(causal, "i2v") == 4
+    args = ["examples/tiny/dit_i2v.yaml", "data.data_list=null", "vae.checkpoint=null", "model.version=v1.2"]
+    assert main("i2v", args) == 2
+    assert "model.version=v1.3" in capsys.readouterr().err
