@@ -1,7 +1,8 @@
 """Flat (TP-merged) weights: export from a running model, and load into any TP layout.
 
 A flat export is `<name>.safetensors` (our key layout, full tensors) plus `<name>.json` with the
-model config, whose `family` field (suv / opensora_dit) says which model to rebuild. Curriculum stages hand weights to each other this way, and it is the format other
+model config, whose `family` field (suv / opensora_dit) says which model to rebuild. Curriculum
+stages hand weights to each other this way, and it is the format other
 tools read. Every rank of a tensor-parallel group must call `gather_full_state_dict` together.
 
 Exports are fp32 whatever runtime.dtype: under bf16 the raw weights are the optimizer's fp32 main

@@ -1,8 +1,8 @@
 """One training stage end to end, and curricula of stages.
 
 A stage: validated config -> process groups -> frozen VAE and text encoder -> the `model.family`
-denoiser (`denoisers.py`; initialised from the previous stage's exported weights through the needed transition) ->
-Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
+denoiser (`denoisers.py`; initialised from the previous stage's exported weights through the needed
+transition) -> Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
 (and one on a pre-emption signal) -> final checkpoint, flat export of raw and EMA weights, loss curve.
 
 Transitions between stages happen on flat (TP-merged) weights, so any two layouts connect:
