@@ -2,7 +2,9 @@
 
 Times `joint_skiparse_attention` (forward + backward) with sparsity k (`sparse_n`) against the
 same call with k = 1 (dense joint attention) on the same video + text sequence, then an `SUVBlock`
-with k against the same block (same weights) with k = 1. All variants of one shape run
+with k against the same block (same weights) with k = 1, then the Open-Sora-Plan v1.3 `DiTBlock`
+(Skiparse self-attention k = 4, Single on even blocks and Group on odd ones, dense cross-attention
+to the text) against the same block with dense self-attention, side by side. All variants of one shape run
 round-robin, in a rotated order each round, so machine noise reaches dense and sparse alike; every
 time is a median over rounds, after one untimed warm-up run of each variant. Every timed run is
 under torch.profiler, which splits it into time inside the SDPA kernels (forward and backward),
@@ -12,6 +14,7 @@ backward) and in no op; the summary explains each speed-up under 0.7 k from thes
     python benchmarks/attention.py                  # default sizes, about 10 minutes on 2 cores
     python benchmarks/attention.py --quick          # under a minute: checks that the script works
     python benchmarks/attention.py --json out.json  # also write every number as JSON
+    python benchmarks/attention.py --only-dit-block # just the v1.3 DiT block, Skiparse k = 4 vs dense
 
 Shapes: N video tokens, L text tokens, B batch, h heads, d head dim, D block width. The Skiparse
 sparsity is `sparse_n` (as `model.sparse_n`; `--sparse-n` here), written k in the prose and tables.
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from megatron_video.models.common.attention import joint_skiparse_attention
 from megatron_video.models.common.rope import rope_3d_tables
 from megatron_video.models.common.skiparse import skiparse_padding
+from megatron_video.models.opensora_dit.model import DiTBlock
 from megatron_video.models.suv.model import SUVBlock
 from megatron_video.parallel.setup import build_parallel_plan, initialize_model_parallel
 from megatron_video.testing.models import tiny_config
@@ -154,40 +158,76 @@ def attention_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns,
     return steps
 
 
-def block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
-    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<sparse_n>', same weights."""
-    cfg = tiny_config(num_heads=heads, head_dim=head_dim)
-    plan = build_parallel_plan(cfg)
-    dense = SUVBlock(cfg.model, plan, sparse_n=1, group=False)
-    gen = torch.Generator().manual_seed(0)
-    d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
-    x_SBD = torch.randn(n, 1, d, generator=gen).requires_grad_()
-    c_LBD = torch.randn(num_text, 1, d, generator=gen).requires_grad_()
-    temb_BE = torch.randn(1, e, generator=gen).requires_grad_()
-    grads = (torch.randn(n, 1, d, generator=gen), torch.randn(num_text, 1, d, generator=gen))
-    side = 32
-    while n % (side * side):
-        side //= 2
-    rope = rope_3d_tables((n // (side * side), side, side), head_dim)
-    video_keep_BN = torch.ones(1, n, dtype=torch.bool)
-    text_keep_BL = torch.ones(1, num_text, dtype=torch.bool)
+def _sparse_vs_dense_steps(block_cls, model_cfg, plan, inputs, grads, sparse_ns, modes) -> dict:
+    """'dense' and '<mode> k=<sparse_n>' forward + backward closures of `block_cls` on the same weights
+    (each sparse block load_state_dict's the dense one); `inputs` are the block's positional arguments."""
+    dense = block_cls(model_cfg, plan, sparse_n=1, group=False)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
-    def make(block: SUVBlock) -> Callable[[], None]:
-        wrt = [x_SBD, c_LBD, temb_BE, *block.parameters()]
+    def make(block) -> Callable[[], None]:
+        wrt = [*leaves, *block.parameters()]
 
         def step() -> None:
-            out = block(x_SBD, c_LBD, temb_BE, rope, video_keep_BN, text_keep_BL, "sdpa")
-            torch.autograd.grad(out, wrt, grads, allow_unused=True)
+            torch.autograd.grad(block(*inputs, "sdpa"), wrt, grads, allow_unused=True)
 
         return step
 
     steps = {"dense": make(dense)}
     for mode in modes:
         for sparse_n in sparse_ns:
-            block = SUVBlock(cfg.model, plan, sparse_n=sparse_n, group=MODES[mode])
+            block = block_cls(model_cfg, plan, sparse_n=sparse_n, group=MODES[mode])
             block.load_state_dict(dense.state_dict())
             steps[f"{mode} k={sparse_n}"] = make(block)
     return steps
+
+
+def _video_grid(n: int) -> tuple[int, int, int]:
+    """(T, H, W) latent-token grid of N tokens with square frames of up to 32 x 32."""
+    side = 32
+    while n % (side * side):
+        side //= 2
+    return n // (side * side), side, side
+
+
+def block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
+    """Forward + backward closures of one SUVBlock: 'dense' and '<mode> k=<sparse_n>', same weights."""
+    cfg = tiny_config(num_heads=heads, head_dim=head_dim)
+    gen = torch.Generator().manual_seed(0)
+    d, e = cfg.model.hidden_size, cfg.model.timestep_embed_dim
+    inputs = (
+        torch.randn(n, 1, d, generator=gen).requires_grad_(),  # x_SBD
+        torch.randn(num_text, 1, d, generator=gen).requires_grad_(),  # c_LBD
+        torch.randn(1, e, generator=gen).requires_grad_(),  # temb_BE
+        rope_3d_tables(_video_grid(n), head_dim),
+        torch.ones(1, n, dtype=torch.bool),  # video_keep_BN
+        torch.ones(1, num_text, dtype=torch.bool),  # text_keep_BL
+    )
+    grads = (torch.randn(n, 1, d, generator=gen), torch.randn(num_text, 1, d, generator=gen))
+    return _sparse_vs_dense_steps(
+        SUVBlock, cfg.model, build_parallel_plan(cfg), inputs, grads, sparse_ns, modes
+    )
+
+
+def dit_block_steps(n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes) -> dict:
+    """Forward + backward closures of one v1.3 DiTBlock: 'dense' and '<mode> k=<sparse_n>', same weights
+    (the block's self-attention is Skiparse; its cross-attention to the text is dense either way)."""
+    from megatron_video.testing.opensora_dit import tiny_dit_config
+
+    cfg = tiny_dit_config(num_heads=heads, head_dim=head_dim, caption_channels=64)
+    gen = torch.Generator().manual_seed(0)
+    d = cfg.model.hidden_size
+    inputs = (
+        torch.randn(n, 1, d, generator=gen).requires_grad_(),  # x_SBD
+        torch.randn(num_text, 1, d, generator=gen).requires_grad_(),  # c_LBD
+        torch.randn(6, 1, d, generator=gen).requires_grad_(),  # t6_6BD
+        rope_3d_tables(_video_grid(n), head_dim, axis_dims=(head_dim // 3,) * 3),
+        torch.ones(1, n, dtype=torch.bool),  # video_keep_BN
+        torch.ones(1, num_text, dtype=torch.bool),  # text_keep_BL
+    )
+    grad = torch.randn(n, 1, d, generator=gen)
+    return _sparse_vs_dense_steps(
+        DiTBlock, cfg.model, build_parallel_plan(cfg), inputs, grad, sparse_ns, modes
+    )
 
 
 def attention_rows(runs: dict[str, Run], n: int, num_text: int, heads: int, head_dim: int, sparse_ns, modes):
@@ -352,8 +392,9 @@ def why(attn_rows, blk_rows) -> list[str]:
 
 def init_single_process() -> None:
     """One-process gloo group and megatron's parallel state (all sizes 1)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():  # already set up (the SUV block ran before the DiT block)
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     initialize_model_parallel(tiny_config())
 
 
@@ -373,18 +414,54 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block-heads", type=int, default=16)
     parser.add_argument("--block-head-dim", type=int, default=64)
     parser.add_argument("--no-block", action="store_true", help="skip the SUV block comparison")
+    parser.add_argument("--dit-tokens", type=int, default=4096, help="video tokens of the v1.3 DiT block")
+    parser.add_argument("--dit-heads", type=int, default=8, help="heads of the DiT block (the release: 24)")
+    parser.add_argument(
+        "--dit-head-dim", type=int, default=96, help="head dim of the DiT block (the release: 96)"
+    )
+    parser.add_argument(
+        "--dit-sparse-n", type=int, nargs="+", default=[4], help="k of the DiT block (v1.3: 4)"
+    )
+    parser.add_argument("--no-dit-block", action="store_true", help="skip the v1.3 DiT block comparison")
+    parser.add_argument(
+        "--only-dit-block", action="store_true", help="run only the v1.3 DiT block comparison"
+    )
     parser.add_argument("--quick", action="store_true", help="N=1024, d=64, k 2 4, 2 rounds: under a minute")
     parser.add_argument("--json", default=None, help="write every number to this file")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.head_dims, args.sparse_ns, args.repeats, args.heads = [1024], [64], [2, 4], 2, 2
         args.block_tokens, args.block_heads, args.block_head_dim = 1024, 2, 64
+        args.dit_tokens, args.dit_heads = 1024, 2
     return args
+
+
+def run_dit_block(args) -> list[dict]:
+    """The v1.3 DiT block with Skiparse self-attention against the same weights dense, printed as a table."""
+    init_single_process()
+    n, h, d = args.dit_tokens, args.dit_heads, args.dit_head_dim
+    runs = run_round_robin(
+        dit_block_steps(n, args.text_len, h, d, args.dit_sparse_n, args.modes), args.repeats
+    )
+    rows = block_rows(runs, n, h, d, args.dit_sparse_n, args.modes)
+    print(
+        f"\nOpen-Sora-Plan v1.3 DiT block forward + backward, N={n}, L={args.text_len}, width D = {h} heads x "
+        f"{d} = {h * d} (Skiparse self-attention k vs the same weights dense; cross-attention dense in both)"
+    )
+    print("  speed-up = dense / Skiparse block time; SDPA share = SDPA-kernel time / dense block time")
+    print_block_table(rows)
+    return rows
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.only_dit_block:
+        rows = run_dit_block(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(args=vars(args), dit_block=rows), f, indent=1)
+        return
     start = time.perf_counter()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU {torch.backends.cpu.get_cpu_capability()}, "
@@ -439,7 +516,10 @@ def main() -> None:
         print("  SDPA share = SDPA-kernel time / dense block time; cap = 1 / (1 - share)")
         print_block_table(blk_rows)
 
-    # 4. Why the speed-ups fall short of k, from the measurements above.
+    # 4. The v1.3 DiT block: Skiparse k = 4 against dense, same weights.
+    dit_rows = [] if args.no_dit_block else run_dit_block(args)
+
+    # 5. Why the speed-ups fall short of k, from the measurements above.
     print("\nWhy")
     for line in why(attn_rows, blk_rows):
         print(line)
@@ -455,7 +535,7 @@ def main() -> None:
             args=vars(args),
         )
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, attention=attn_rows, block=blk_rows), f, indent=1)
+            json.dump(dict(meta=meta, attention=attn_rows, block=blk_rows, dit_block=dit_rows), f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -24,6 +24,15 @@ Commands (SRC, then DST; trailing `section.field=value` words override the --con
     # released WF-VAE (.ckpt or diffusers folder) <-> our flat VAE export
     python tools/convert_checkpoint.py vae-osp-to-flat wfvae_888_dim32.ckpt out/vae --flavor wfvae_8x8x8_d32
     python tools/convert_checkpoint.py vae-flat-to-osp out/vae.safetensors out/wfvae_folder
+    # Open-Sora-Plan v1.2 / v1.3 DiT (model.family=opensora_dit): released diffusers folder
+    # (config.json + diffusion_pytorch_model.safetensors / .bin) <-> our flat export
+    python tools/convert_checkpoint.py dit-folder-to-flat Open-Sora-Plan-v1.3.0/any93x640x640 out/dit
+    python tools/convert_checkpoint.py dit-flat-to-folder out/dit.safetensors out/any93x640x640
+    # released folder -> a training checkpoint of ours (step 0) at the launched TP / PP (I2V folders: I2V)
+    torchrun --nproc_per_node 8 tools/convert_checkpoint.py dit-folder-to-checkpoint \
+        Open-Sora-Plan-v1.3.0/any93x640x640 outputs/s3/checkpoints --config examples/opensoraplan1.3/s3_any93x640x640.yaml
+    # our DiT checkpoints and flat exports go through checkpoint-to-flat / reshard / flat-to-checkpoint above
+    # (the model is rebuilt from the family the checkpoint or export records)
 
 A flat export is `<name>.safetensors` (our key layout, full tensors) plus `<name>.json` (the model
 config). Loading is safe (safetensors, or torch.load with weights_only=True). Every mismatch is
@@ -186,7 +195,7 @@ def _new_modules(task: str) -> tuple[str, ...]:
     return ("inpaint.",) if task == "i2v" else ()
 
 
-def _check_geometry(saved: dict, model_cfg: SUVConfig, where: str) -> None:
+def _check_geometry(saved: dict, model_cfg, where: str) -> None:
     """Raise ConfigError naming every model field of a saved config that differs from the stage's."""
     from megatron_video.training.checkpoint import MODEL_FIELDS_FREE_TO_CHANGE
 
@@ -325,7 +334,59 @@ def flat_to_osp(args) -> Path:
     state, cfg_dict = load_flat(args.src)
     if cfg_dict is None:
         raise ValueError(f"{args.src} has no .json config beside it; it is not a flat export of ours")
+    if cfg_dict.get("family", "suv") != "suv":
+        raise ConfigError(f"{args.src} is a model.family={cfg_dict['family']} export; use dit-flat-to-folder")
     return write_weights(args.dst, to_open_sora_plan(state, SUVConfig(**cfg_dict)))
+
+
+def _released_dit(path: str | Path, strict: bool = True, **overrides):
+    """(config, I2V mask channels or None, our full state) of a released v1.2 / v1.3 DiT folder; with
+    `strict` every missing or unexpected released key is named (CheckpointMismatch)."""
+    from megatron_video.models.opensora_dit.state_dict_adapter import load_open_sora_plan
+
+    return load_open_sora_plan(path, strict, **overrides)
+
+
+def dit_folder_to_flat(args) -> Path:
+    """Released v1.2 / v1.3 DiT folder -> our flat export (its config.json becomes our model config)."""
+    from megatron_video.config.loader import apply_overrides
+    from megatron_video.training.export import save_flat
+
+    cfg, _, state = _released_dit(args.src, **apply_overrides({}, args.set))
+    return save_flat(args.dst, state, cfg)
+
+
+def dit_flat_to_folder(args) -> Path:
+    """Our flat DiT export -> a released folder (config.json + diffusion_pytorch_model.safetensors)."""
+    from megatron_video.models.opensora_dit.state_dict_adapter import save_open_sora_plan_folder
+    from megatron_video.training.denoisers import saved_model_config
+    from megatron_video.training.export import load_flat
+
+    state, saved = load_flat(args.src)
+    cfg = saved_model_config(saved)
+    if cfg is None or cfg.family != "opensora_dit":
+        raise ConfigError(
+            f"{args.src} is not a flat export of an opensora_dit model (its .json records "
+            f"model.family={getattr(cfg, 'family', None)}); SUV exports go through flat-to-osp"
+        )
+    mask = state.get("inpaint.mask_embed.proj.weight")
+    save_open_sora_plan_folder(args.dst, state, cfg, None if mask is None else mask.shape[1])
+    return Path(args.dst)
+
+
+def dit_folder_to_checkpoint(args) -> Path:
+    """Released v1.2 / v1.3 DiT folder -> an iteration-0 training checkpoint in this launch's layout."""
+    cfg = _stage_config(args.config, args.overrides)
+    released_cfg, mask_channels, full = _released_dit(args.src)
+    _check_geometry(dataclasses.asdict(released_cfg), cfg.model, str(args.src))
+    task = "i2v" if mask_channels is not None else "t2v"
+    if args.task != task:
+        raise ConfigError(f"{args.src} holds a {task.upper()} model (its config.json); pass --task {task}")
+    ema = None
+    if args.ema_src:
+        ema_cfg, _, ema = _released_dit(args.ema_src)
+        _check_geometry(dataclasses.asdict(ema_cfg), cfg.model, str(args.ema_src))
+    return _weights_to_checkpoint(args, cfg, full, ema)
 
 
 def osp_to_checkpoint(args) -> Path:
@@ -511,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run, what in (
         ("osp-to-checkpoint", osp_to_checkpoint, "released v1.5 denoiser (.pt / .safetensors)"),
         ("flat-to-checkpoint", flat_to_checkpoint, "our flat export (.safetensors + .json)"),
+        ("dit-folder-to-checkpoint", dit_folder_to_checkpoint, "released v1.2 / v1.3 DiT folder"),
     ):
         p = sub.add_parser(name, help=f"{what} -> our training checkpoint (step 0) in the launched layout")
         p.add_argument("src", help=what)
@@ -518,6 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ema-src", default=None, help="EMA weights in the same format (default: SRC)")
         _stage_arguments(p)
         p.set_defaults(run=run)
+    p = sub.add_parser("dit-folder-to-flat", help="released v1.2 / v1.3 DiT folder -> our flat export")
+    p.add_argument("src", help="folder with config.json and diffusion_pytorch_model.safetensors (or .bin)")
+    p.add_argument("dst", help="output path without suffix (writes .safetensors and .json)")
+    p.add_argument("--set", action="append", default=[], help="DiT config override field=value")
+    p.set_defaults(run=dit_folder_to_flat)
+    p = sub.add_parser("dit-flat-to-folder", help="our flat DiT export -> released folder")
+    p.add_argument("src")
+    p.add_argument("dst", help="folder to write (config.json + diffusion_pytorch_model.safetensors)")
+    p.set_defaults(run=dit_flat_to_folder)
     p = sub.add_parser("checkpoint-to-flat", help="our training checkpoint (any layout) -> flat export")
     p.add_argument("src", help="checkpoint directory (with `latest`) or one iter_* directory")
     p.add_argument("dst", help="output path without suffix (writes .safetensors and .json)")

@@ -1,4 +1,4 @@
-"""Generate videos from a trained SUV model: text-to-video, image-to-video, transition, continuation.
+"""Generate videos from a trained denoiser (SUV, or the v1.2 / v1.3 DiT): text-to-video, image-to-video, transition, continuation.
 
     torchrun --nproc_per_node N tools/sample_video.py --config STAGE.yaml --weights final_ema.safetensors \
         --prompt "a red car drives down a street" [--prompts-file prompts.txt] \
@@ -11,19 +11,23 @@ of a replica; the remaining processes are data-parallel replicas that take every
 with --cfg-parallel, pairs of replicas running the conditional and unconditional branches. One
 rank per replica (pair) writes sample_<prompt index>.mp4 for its prompts.
 
-Weights: a flat export (final_ema.safetensors or final_model.safetensors beside its .json) or a
-training checkpoint directory (EMA weights unless --raw). An I2V model sampled without
+Weights: a flat export (final_ema.safetensors or final_model.safetensors beside its .json), a
+training checkpoint directory (EMA weights unless --raw), or a released Open-Sora-Plan v1.2 / v1.3
+folder (config.json + diffusion_pytorch_model.safetensors / .bin). The model is rebuilt from what the
+weights record (the export's or checkpoint's model config with its `model.family`, the folder's
+config.json); the stage config gives the VAE, text encoder, objective and layout. An I2V model sampled without
 --image / --video generates from text alone, every frame masked (the t2iv mode it was trained with).
 
 Samplers: flow_euler for rectified-flow models (static shift 7.0 or --linear-quadratic; CFG 8.0, rescale 0.7, template "high quality, {}" as
 in v1.5); euler_ancestral (default), euler, ddim or ddpm for v-prediction / epsilon models
 (training.objective.kind in the config; CFG 7.5, no rescale, "high quality, high aesthetic, {}" as in
-v1.3).
+v1.3; v1.2's defaults are the same: Euler ancestral, CFG 7.5, with its epsilon objective).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -119,8 +123,39 @@ def _error(message: str) -> int:
     return 2
 
 
+def is_released_folder(path: str) -> bool:
+    """Whether `path` is a released diffusers-style folder (config.json + diffusion_pytorch_model.*)."""
+    p = Path(path)
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    return (p / "config.json").is_file() and any((p / n).is_file() for n in names)
+
+
+def weights_model_config(path: str):
+    """The model config the weights record (None when they record none: the stage config's is used)."""
+    from megatron_video.training.denoisers import saved_model_config
+
+    if is_released_folder(path):
+        import json
+
+        from megatron_video.models.opensora_dit.state_dict_adapter import config_from_open_sora_plan
+
+        return config_from_open_sora_plan(json.loads((Path(path) / "config.json").read_text()))[0]
+    if Path(path).is_dir():
+        from megatron_video.training.checkpoint import read_checkpoint_metadata
+
+        model = read_checkpoint_metadata(path)["model"]
+        return saved_model_config(model.get("config"), model.get("class"))
+    from megatron_video.training.export import load_flat_config
+
+    return saved_model_config(load_flat_config(path))
+
+
 def has_inpainting_weights(path: str) -> bool:
-    """Whether a flat export or a training checkpoint holds an I2V model (inpainting embeddings)."""
+    """Whether a flat export, a training checkpoint or a released folder holds an I2V model."""
+    if is_released_folder(path):
+        import json
+
+        return "vae_scale_factor_t" in json.loads((Path(path) / "config.json").read_text())
     if Path(path).is_dir():
         from megatron.core import dist_checkpointing
 
@@ -139,9 +174,16 @@ def has_inpainting_weights(path: str) -> bool:
 
 
 def load_weights(model, runtime, path: str, raw: bool) -> None:
-    """Flat export or training checkpoint (EMA unless raw) into this rank's shard of the model."""
+    """Flat export, training checkpoint (EMA unless raw) or released folder into this rank's shard."""
     from megatron_video.training.export import load_flat, load_full_into
 
+    if is_released_folder(path):
+        from megatron_video.models.opensora_dit.state_dict_adapter import load_open_sora_plan
+
+        missing = load_full_into(model, runtime.plan, load_open_sora_plan(path)[2])
+        if missing:
+            raise KeyError(f"{path} lacks {sorted(missing)}")
+        return
     if Path(path).is_dir():
         from megatron_video.training import checkpoint as ckpt
         from megatron_video.training.ema import ParamEMA
@@ -255,6 +297,10 @@ def main(argv=None) -> int:
 
     try:  # a checkpoint folder is verified first: a corrupt or crafted one is refused here
         inpainting = has_inpainting_weights(args.weights)
+        saved = weights_model_config(args.weights)
+        if saved is not None:  # the weights' own model (and family) wins over the stage config's
+            cfg.model = dataclasses.replace(saved, recompute="none", recompute_num_layers=None)
+            cfg.validate()
         if conditioned and not inpainting:
             return _error(f"{args.weights} is a text-to-video model; --image / --video need I2V weights")
         model = build_denoiser(cfg, runtime, "i2v" if inpainting else "t2v").eval()

@@ -1,16 +1,5 @@
 #!/usr/bin/env bash
-# Multi-node launch with msrun on Ascend (torch_npu installed: pip install -e ".[npu]"). Run on every node:
+# The v1.5 curriculum with msrun on Ascend (torch_npu installed). Run on every node:
 #   NNODES=64 NODE_RANK=<0..63> MASTER_ADDR=<node 0 address> bash examples/opensoraplan1.5/pretrain_msrun.sh
-# msrun's scheduler takes MASTER_PORT; the torch process group rendezvous uses MASTER_PORT + 1.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-NPROC_PER_NODE=${NPROC_PER_NODE:-8}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-8118}
-WORLD=$((NPROC_PER_NODE * NNODES))
-msrun --worker_num "$WORLD" --local_worker_num "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" \
-  --master_port "$MASTER_PORT" --node_rank "$NODE_RANK" --log_dir outputs/opensoraplan1.5/msrun_logs --join True \
-  pretrain_t2v.py --curriculum examples/opensoraplan1.5/curriculum.yaml "parallel.world_size=$WORLD" \
-  runtime.device=npu "$@"
+# Extra arguments are passed on (dotted overrides); see examples/launch/msrun.sh for the settings.
+exec bash "$(dirname "$0")/../launch/msrun.sh" examples/opensoraplan1.5/curriculum.yaml "$@"

@@ -39,6 +39,12 @@ class VAESection:
         return WFVAEConfig.from_flavor(self.flavor, chunked=self.chunked)
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the configured VAE's latents (what the denoiser's in_channels must be)."""
+        c = self.model_config()
+        return c.latent_channels if isinstance(c, CausalVAEConfig) else c.latent_dim
+
+    @property
     def strides(self) -> tuple[int, int]:
         """(temporal, spatial) compression of the configured VAE."""
         c = self.model_config()

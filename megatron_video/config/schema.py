@@ -26,8 +26,33 @@ from megatron_video.data.config import (
     SampleGeometry,
     TextConfig,
 )
-from megatron_video.models.suv.config import SUVConfig, with_flavor
+from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
+from megatron_video.models.opensora_dit.config import with_flavor as dit_with_flavor
+from megatron_video.models.suv.config import SUVConfig
+from megatron_video.models.suv.config import with_flavor as suv_with_flavor
 from megatron_video.models.text.config import TextEncoderPairConfig
+
+ModelConfig = SUVConfig | OpenSoraDiTConfig
+"""Any denoiser's config; its `family` field says which (a tagged union)."""
+
+MODEL_FAMILIES = {
+    "suv": (SUVConfig, suv_with_flavor),
+    "opensora_dit": (OpenSoraDiTConfig, dit_with_flavor),
+}
+"""`model.family` -> (config class, the family's flavor expansion)."""
+
+
+def model_config_from_dict(fields: dict[str, Any], path: str = "model") -> ModelConfig:
+    """A `model` section (or a saved config: flat export JSON, checkpoint metadata) -> its family's
+    config, flavor expanded; no `family` key means `suv` (exports written before families existed)."""
+    family = fields.get("family", "suv")
+    if family not in MODEL_FAMILIES:
+        raise ConfigError(
+            f"unknown {path}.family '{family}'; choose one of {sorted(MODEL_FAMILIES)} "
+            "(suv: Open-Sora-Plan v1.5; opensora_dit: the v1.2 / v1.3 DiT)"
+        )
+    cls, expand = MODEL_FAMILIES[family]
+    return from_dict(cls, expand(dict(fields)), path)
 
 
 @dataclass
@@ -112,8 +137,10 @@ class ShapeConfig:
 class ExperimentConfig:
     """Root of the configuration tree."""
 
-    model: SUVConfig = field(default_factory=SUVConfig)
-    """The SUV denoiser; `model.flavor` picks the size preset the other keys override."""
+    model: ModelConfig = field(default_factory=SUVConfig)
+    """The denoiser: `model.family` picks the model (suv, the default, or opensora_dit: the v1.2 / v1.3
+    DiT), `model.flavor` the size preset the other keys override (and for opensora_dit, `model.version`
+    its release: v1.2 or v1.3)."""
 
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
@@ -253,6 +280,8 @@ class ExperimentConfig:
                 f"parallel.context_parallel={p.context_parallel}; pick num_frames with "
                 f"(num_frames - 1) / {stride_t} + 1 a multiple of {p.context_parallel}"
             )
+        if isinstance(m, OpenSoraDiTConfig):
+            self._validate_dit(m)
         spatial = stride_hw * m.patch_size
         for name in ("height", "width"):
             if getattr(s, name) % spatial != 0:
@@ -265,6 +294,39 @@ class ExperimentConfig:
                 f"shape.text_length={s.text_length} must be divisible by {split} (context parallel"
                 f"{' x tensor parallel under sequence parallel' if p.sequence_parallel else ''}), "
                 "since text tokens are split like video tokens"
+            )
+
+    def _validate_dit(self, m: OpenSoraDiTConfig) -> None:
+        """What the v1.2 / v1.3 DiT needs of the VAE, the shape and the layout."""
+        latent_channels = self.vae.latent_channels
+        if self.data.data_list is not None and m.in_channels != latent_channels:  # a stage that encodes
+            raise ConfigError(
+                f"model.in_channels={m.in_channels} but vae ({self.vae.kind} {self.vae.flavor}) gives "
+                f"{latent_channels} latent channels; set model.in_channels and model.out_channels to "
+                f"{latent_channels} (v1.2 CausalVAE: 4, v1.3 WF-VAE 4x8x8: 8) or pick the matching VAE"
+            )
+        if m.sparse_n > 1:
+            if not m.sparse_blocks:
+                raise ConfigError(
+                    f"model.sparse_n={m.sparse_n} but model.sparse_start={m.sparse_start} / sparse_stop="
+                    f"{m.sparse_stop} select no block of {m.num_layers}; widen the range or set sparse_n=1"
+                )
+            t, h, w = self.latent_grid
+            tokens = t * (h // m.patch_size) * (w // m.patch_size)
+            if tokens < m.sparse_n**2:
+                raise ConfigError(
+                    f"model.sparse_n={m.sparse_n}: Skiparse splits the video into {m.sparse_n} groups of at least "
+                    f"{m.sparse_n} tokens, but the largest sample (shape {self.shape.num_frames}x"
+                    f"{self.shape.height}x{self.shape.width}) has {tokens} tokens; lower model.sparse_n to at "
+                    f"most {int(tokens**0.5)} or train larger samples"
+                )
+        if (
+            self.features.cache_dir is None
+            and self.data.data_list is not None
+            and self.text.pooled is not None
+        ):
+            raise ConfigError(
+                "model.family=opensora_dit reads only token states (no pooled text); remove text.pooled"
             )
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
@@ -297,7 +359,7 @@ def _text_width(text: TextEncoderPairConfig) -> int | None:
 def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
     """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`."""
     data = apply_overrides(data, list(overrides or []))
-    data = {**data, "model": with_flavor(dict(data.get("model") or {}))}
+    data = {**data, "model": model_config_from_dict(dict(data.get("model") or {}))}
     cfg = from_dict(ExperimentConfig, data)
     if "shape" not in data:
         derive_shape(cfg)

@@ -98,8 +98,9 @@ without any gather, and reshards over DP only."""
 
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 
-MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"flavor", "recompute", "recompute_num_layers", "init_std"})
-"""Model config fields that do not change the saved tensors; every other field must match."""
+MODEL_FIELDS_FREE_TO_CHANGE = frozenset({"family", "flavor", "recompute", "recompute_num_layers", "init_std"})
+"""Model config fields that do not change the saved tensors; every other field must match. (`family`
+is checked through the model class; checkpoints from before families have none.)"""
 
 
 # -- 1. Files: names, `latest`, publishing and pruning are in checkpoint_files.py ----------------

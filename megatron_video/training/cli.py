@@ -53,7 +53,7 @@ def run_entry_point(body: Callable[[], None]) -> int:
 def parse_args(task: str, argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"pretrain_{task}.py",
-        description=f"Train the SUV denoiser ({task.upper()}) on Megatron core. Launch with torchrun or msrun.",
+        description=f"Train the model.family denoiser ({task.upper()}) on Megatron core. Launch with torchrun or msrun.",
     )
     _config_arguments(parser, "stage config", "training.steps=100 parallel.tensor_parallel=2", optional=True)
     parser.add_argument("--curriculum", help="curriculum YAML listing stages to run in order")
@@ -119,18 +119,21 @@ def main(task: str, argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from megatron_video.config import load_config
+        from megatron_video.training.denoisers import inpaint_mask_channels
         from megatron_video.training.stage import run_curriculum, run_stage, stage_configs
 
         if args.curriculum:
             overrides = [args.config, *args.overrides] if args.config else args.overrides
             produced: tuple[Path, ...] = ()
-            for _, cfg, stage_dir in stage_configs(args.curriculum, overrides):
+            for spec, cfg, stage_dir in stage_configs(args.curriculum, overrides):
                 check_inputs(cfg, produced)
+                inpaint_mask_channels(cfg, spec.task)  # the task's model fits the VAE (v1.2 I2V)
                 produced += (stage_dir,)
             run_curriculum(args.curriculum, overrides)
         else:
             cfg = load_config(args.config, args.overrides)
             check_inputs(cfg)
+            inpaint_mask_channels(cfg, task)
             run_stage(cfg, task, args.stage_dir or Path("outputs") / Path(args.config).stem)
 
     return run_entry_point(body)

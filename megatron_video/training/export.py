@@ -1,7 +1,8 @@
 """Flat (TP-merged) weights: export from a running model, and load into any TP layout.
 
 A flat export is `<name>.safetensors` (our key layout, full tensors) plus `<name>.json` with the
-SUV config. Curriculum stages hand weights to each other this way, and it is the format other
+model config, whose `family` field (suv / opensora_dit) says which model to rebuild. Curriculum
+stages hand weights to each other this way, and it is the format other
 tools read. Every rank of a tensor-parallel group must call `gather_full_state_dict` together.
 
 Exports are fp32 whatever runtime.dtype: under bf16 the raw weights are the optimizer's fp32 main
@@ -94,6 +95,12 @@ def load_flat(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         raise FileNotFoundError(f"no flat weights at {weights}")
     meta = weights.with_suffix(".json")
     return load_file(str(weights)), (json.loads(meta.read_text()) if meta.is_file() else None)
+
+
+def load_flat_config(path: str | Path) -> dict | None:
+    """The model config saved beside a flat export (its `.json`), without reading the tensors."""
+    meta = Path(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.is_file() else None
 
 
 def load_full_into(

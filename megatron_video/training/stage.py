@@ -1,14 +1,15 @@
 """One training stage end to end, and curricula of stages.
 
-A stage: validated config -> process groups -> frozen VAE and text encoder -> SUV denoiser
-(initialised from the previous stage's exported weights through the needed transition) ->
-Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
+A stage: validated config -> process groups -> frozen VAE and text encoder -> the `model.family`
+denoiser (`denoisers.py`; initialised from the previous stage's exported weights through the needed
+transition) -> Trainer -> resume from the stage's own checkpoints if any -> steps with periodic checkpoints
 (and one on a pre-emption signal) -> final checkpoint, flat export of raw and EMA weights, loss curve.
 
 Transitions between stages happen on flat (TP-merged) weights, so any two layouts connect:
 image -> video and fps / resolution changes need no weight change; dense -> SUV re-stages the
 blocks and adds identity-initialised skips; T2V -> I2V adds the zero-initialised inpainting
-embeddings, so the I2V model starts equal to the T2V one.
+embeddings, so the I2V model starts equal to the T2V one (the v1.2 / v1.3 DiT also copies the patch
+embedding into the masked-video embedding, as the release does).
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ from megatron_video.config.encoders import VAESection
 from megatron_video.config.loader import read_yaml_with_bases
 from megatron_video.config.schema import ExperimentConfig, build_config
 from megatron_video.errors import ConfigError
-from megatron_video.models.suv.config import SUVConfig
-from megatron_video.models.suv.model import SUVModel
-from megatron_video.models.suv.state_dict_adapter import convert_dense_to_suv
 from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.parallel.setup import setup_parallel
 from megatron_video.platform.launch import Runtime, init_distributed
 from megatron_video.training import checkpoint as ckpt
+from megatron_video.training import denoisers
 from megatron_video.training.async_save import BackgroundSaves
 from megatron_video.training.checkpoint_files import SaveDirInUseError, SaveDirLock, latest_checkpoint
 from megatron_video.training.export import (
@@ -44,7 +43,7 @@ from megatron_video.training.export import (
     save_flat,
 )
 from megatron_video.training.loop import Trainer
-from megatron_video.training.metrics import MetricsLogger, model_flops_per_sample
+from megatron_video.training.metrics import MetricsLogger
 from megatron_video.training.preemption import Preempted, PreemptionSignals
 from megatron_video.training.resume_policy import SETTINGS_KEY, apply_resume_policy, settings_snapshot
 
@@ -98,20 +97,14 @@ def build_text_encoder(cfg: ExperimentConfig, device: torch.device):
 # -- the denoiser and its initial weights -----------------------------------------------------------
 
 
-def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVModel | list[SUVModel]:
-    """SUV model for this rank (I2V adds the inpainting conditioning); its list of pipeline chunks
-    when pipeline_parallel > 1."""
-    mask_channels = None
-    if task == "i2v":
-        mask_channels = cfg.vae.strides[0]
+def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str):
+    """The `model.family` denoiser for this rank (I2V adds the inpainting conditioning); its list of
+    pipeline chunks when pipeline_parallel > 1."""
+    mask_channels = denoisers.inpaint_mask_channels(cfg, task)
 
-    def make(blocks: range | None = None) -> SUVModel:
-        model = SUVModel(
-            cfg.model,
-            runtime.plan,
-            cfg.runtime.attention_backend,
-            inpaint_mask_channels=mask_channels,
-            blocks=blocks,
+    def make(blocks: range | None = None):
+        model = denoisers.build_model(
+            cfg.model, runtime.plan, cfg.runtime.attention_backend, mask_channels, blocks
         )
         return model.to(runtime.device)
 
@@ -122,42 +115,25 @@ def build_denoiser(cfg: ExperimentConfig, runtime: Runtime, task: str) -> SUVMod
     return build_model_chunks(make, cfg.model.total_layers)
 
 
-class _MergedState:
-    """The union of several chunks' state dicts, where a conversion needs freshly built tensors."""
-
-    def __init__(self, chunks: list):
-        self.chunks = chunks
-
-    def state_dict(self) -> dict:
-        out = {}
-        for chunk in self.chunks:
-            out.update(chunk.state_dict())
-        return out
-
-
 def initialize_from(model, runtime: Runtime, cfg: ExperimentConfig, source: str) -> None:
     """Load weights exported by an earlier stage (any flat export, or a training checkpoint folder)
     into this rank's model or pipeline chunks, applying the transition."""
     chunks = model if isinstance(model, list) else [model]
     if Path(source).is_dir():  # a training checkpoint (its EMA weights unless init_from_ema is off)
         full, meta = ckpt.checkpoint_weights(source, cfg.training.checkpoint.init_from_ema)
-        saved_cfg = (meta.get("model") or {}).get("config")
+        prev = denoisers.saved_model_config(
+            (meta.get("model") or {}).get("config"), (meta.get("model") or {}).get("class")
+        )
     else:
         full, saved_cfg = load_flat(source)
-    if saved_cfg is not None:
-        prev = SUVConfig(**saved_cfg)
-        if prev.num_layers != cfg.model.num_layers or prev.skip_connection != cfg.model.skip_connection:
-            if prev.skip_connection:
-                raise ConfigError(
-                    f"cannot re-stage {source}: it already has U-skips ({prev.num_layers}); only a dense "
-                    "model without skips converts to a new stage layout"
-                )
-            full = convert_dense_to_suv(full, prev, cfg.model, _MergedState(chunks))
+        prev = denoisers.saved_model_config(saved_cfg)
+    fresh = {k: v for chunk in chunks for k, v in chunk.state_dict().items()}
+    full, may_stay_new = denoisers.transition_weights(full, prev, cfg, fresh, source)
     new = []
     for chunk in chunks:
         names = set(chunk.state_dict())
         new += load_full_into(chunk, runtime.plan, {k: v for k, v in full.items() if k in names})
-    unexpected_new = [k for k in new if not k.startswith(("inpaint.", "skip_linears", "skip_norms"))]
+    unexpected_new = [k for k in new if not k.startswith(may_stay_new)]
     if unexpected_new:
         raise KeyError(f"{source} lacks weights for {sorted(unexpected_new)}")
     if runtime.is_main:
@@ -357,7 +333,7 @@ def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
     s, m = cfg.shape, cfg.model
     lat_t, lat_h, lat_w = cfg.latent_grid
     n = lat_t * (lat_h // m.patch_size) * (lat_w // m.patch_size)
-    per_sample = model_flops_per_sample(m.total_layers, m.hidden_size, n, s.text_length, m.block_sparse_n)
+    per_sample = denoisers.flops_per_sample(m, n, s.text_length)
     return n * cfg.training.global_batch_size, per_sample * cfg.training.global_batch_size
 
 

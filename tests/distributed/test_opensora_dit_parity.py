@@ -9,7 +9,7 @@ AdaLN-single and caption projection). Loss, output and every parameter gradient,
 the TP shards, must match within rtol 1e-4, atol 1e-5.
 
 Variants: v1.2 (dense blocks) and v1.3 (Skiparse k = 4 on blocks 2, 3 of 6: Single and Group), T2V
-and I2V. Shapes: 2x(3x5) and 4x(3x6) tokens are not multiples of k^2 = 16, 4x(4x4) is.
+and I2V, each in every layout. All 2-rank layouts run in one launch and all 4-rank ones in another. Shapes: 2x(3x5) and 4x(3x6) tokens are not multiples of k^2 = 16, 4x(4x4) is.
 """
 
 from __future__ import annotations
@@ -230,31 +230,46 @@ def _pipeline_worker(rank, world_size, layouts, ref):
 
 TWO = [dict(tp=2, cp=1, sp=False), dict(tp=2, cp=1, sp=True), dict(tp=1, cp=2, sp=False)]
 FOUR = [dict(tp=2, cp=2, sp=False), dict(tp=2, cp=2, sp=True)]
+PIPELINE = [dict(pp=2), dict(pp=2, vpp=2), dict(pp=2, cond_allreduce=False)]
+WORKERS = {"parallel": _parallel_worker, "pipeline": _pipeline_worker}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_two_process_layouts(megatron_single, variant):
-    report = run_distributed(_parallel_worker, 2, TWO, _reference(variant, SHAPES_2), timeout_s=300)
-    assert len(report[0]) == len(TWO) * len(SHAPES_2)
+def _jobs_worker(rank, world_size, jobs):
+    """Several (worker, layouts, reference) jobs in one launch: the start-up of the processes and of
+    Megatron, not the tiny model, is what a launch costs."""
+    return [WORKERS[kind](rank, world_size, layouts, ref) for kind, layouts, ref in jobs]
 
 
-@pytest.mark.parametrize("variant", ["v12_t2v", "v13_i2v"])
-def test_four_process_layouts(megatron_single, variant):
-    report = run_distributed(_parallel_worker, 4, FOUR, _reference(variant, SHAPES_4), timeout_s=300)
-    assert len(report[0]) == len(FOUR) * len(SHAPES_4)
-
-
-@pytest.mark.parametrize("variant", ["v13_t2v", "v12_i2v"])
-def test_pipeline_layouts(megatron_single, variant):
-    """8 blocks (Skiparse on 2..5 for v1.3): PP = 2 (blocks 0-3 | 4-7) and PP = 2 x VPP = 2 (chunks
-    0-1 | 2-3 | 4-5 | 6-7, rank 0 holds the first and third): the chunks hold every parameter of the
-    full model under the same names, and every gradient equals the single-process one, the
-    replicated AdaLN-single's and caption projection's included. Without Megatron's conditional
-    embedder all-reduce (`has_cond_embedder`) exactly those replicated gradients go wrong."""
-    ref = _reference(variant, SHAPES_2, num_layers=8)
-    layouts = [dict(pp=2), dict(pp=2, vpp=2), dict(pp=2, cond_allreduce=False)]
-    ranks = run_distributed(_pipeline_worker, 2, layouts, ref, timeout_s=300)
+def _check_pipeline_report(ranks: list, job: int, ref: dict) -> None:
+    """The chunks hold every parameter of the full model under the same names; the last stage logged losses."""
     for index in range(2):
-        held = set().union(*(set(rank[index][2]) for rank in ranks))
+        held = set().union(*(set(rank[job][index][2]) for rank in ranks))
         assert held == set(ref["state"]) - {k for k in ref["state"] if k.endswith("_extra_state")}
-        assert any("loss" in rank[index][1] for rank in ranks)
+        assert any("loss" in rank[job][index][1] for rank in ranks)
+
+
+def test_two_process_layouts(megatron_single):
+    """One launch of 2 ranks: TP = 2, TP = 2 + SP and CP = 2 for every variant (v1.2 dense / v1.3
+    Skiparse, T2V / I2V), then the pipeline layouts with 8 blocks (Skiparse on 2..5 for v1.3): PP = 2
+    (blocks 0-3 | 4-7) and PP = 2 x VPP = 2 (chunks 0-1 | 2-3 | 4-5 | 6-7, rank 0 holds the first and
+    third), every gradient equal to the single-process one, the replicated AdaLN-single's and caption
+    projection's included; without Megatron's conditional-embedder all-reduce (`has_cond_embedder`)
+    exactly those replicated gradients go wrong."""
+    jobs = [("parallel", TWO, _reference(v, SHAPES_2)) for v in sorted(VARIANTS)]
+    pipeline_refs = {v: _reference(v, SHAPES_2, num_layers=8) for v in sorted(VARIANTS)}
+    jobs += [("pipeline", PIPELINE, ref) for ref in pipeline_refs.values()]
+    ranks = run_distributed(_jobs_worker, 2, jobs, timeout_s=300)
+    for job in range(len(VARIANTS)):
+        assert len(ranks[0][job]) == len(TWO) * len(SHAPES_2)
+    for job, ref in enumerate(pipeline_refs.values(), start=len(VARIANTS)):
+        _check_pipeline_report(ranks, job, ref)
+
+
+def test_four_process_layouts(megatron_single):
+    """One launch of 4 ranks: TP = 2 x CP = 2 with and without SP for every variant, each variant on one
+    of the two shapes (4 ranks share 2 cores here, so a batch costs seconds): both versions see 72
+    tokens (not a multiple of k^2 = 16) in one task and 64 in the other."""
+    shapes = {"v12_t2v": SHAPES_4[0], "v12_i2v": SHAPES_4[1], "v13_t2v": SHAPES_4[1], "v13_i2v": SHAPES_4[0]}
+    jobs = [("parallel", FOUR, _reference(v, [shapes[v]])) for v in sorted(VARIANTS)]
+    ranks = run_distributed(_jobs_worker, 4, jobs, timeout_s=300)
+    assert all(len(report) == len(FOUR) for report in ranks[0])

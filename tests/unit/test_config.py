@@ -33,6 +33,7 @@ from megatron_video.data.config import (
     SampleGeometry,
     TextConfig,
 )
+from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.suv.config import SUVConfig
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -156,6 +157,7 @@ def test_cp_frames_valid_example_from_reference():
         RuntimeConfig,
         ShapeConfig,
         SUVConfig,
+        OpenSoraDiTConfig,
         TrainingConfig,
         ObjectiveConfig,
         OptimizerConfig,
@@ -229,3 +231,83 @@ def test_flavor_is_expanded_in_one_place():
     assert SUVConfig.from_flavor("tiny", num_heads=8) == build_config({"model": fields}).model
     with pytest.raises(ConfigError, match="unknown model.flavor"):
         with_flavor({"flavor": "70B"})
+
+
+def test_model_family_is_a_validated_config_choice(tmp_path):
+    """`model.family` picks the config class (flavor and version expanded for it), inherits and
+    overrides like any field, and a bad choice or geometry fails before launch naming the field."""
+    (tmp_path / "dit.yaml").write_text(
+        "model: {family: opensora_dit, flavor: tiny, version: v1.2}\nshape: {num_frames: 1, height: 64, "
+        "width: 64, text_length: 8}\nvae: {flavor: tiny}\n"
+    )
+    cfg = load_config(tmp_path / "dit.yaml", ["model.version=v1.3", "model.num_heads=8"])
+    assert isinstance(cfg.model, OpenSoraDiTConfig) and cfg.model.family == "opensora_dit"
+    assert (cfg.model.in_channels, cfg.model.sparse_n, cfg.model.num_heads) == (8, 4, 8)  # v1.3 preset
+    assert isinstance(load_config(EXAMPLES / "tiny" / "base.yaml").model, SUVConfig)  # suv by default
+    with pytest.raises(ConfigError, match="unknown model.family 'dit'"):
+        load_config(tmp_path / "dit.yaml", ["model.family=dit"])
+    with pytest.raises(ConfigError, match="model.num_heads=4 must be divisible"):
+        load_config(tmp_path / "dit.yaml", ["parallel.tensor_parallel=4", "parallel.context_parallel=2"])
+    with pytest.raises(ConfigError, match="model.sparse_n=8: Skiparse"):
+        load_config(tmp_path / "dit.yaml", ["model.sparse_n=8", "shape.height=32", "shape.width=32"])
+    with pytest.raises(ConfigError, match="select no block"):
+        load_config(tmp_path / "dit.yaml", ["model.version=v1.3", "model.sparse_start=6"])
+    with pytest.raises(ConfigError, match="unknown config key 'model.sparse_n_list'"):
+        load_config(tmp_path / "dit.yaml", ["model.sparse_n_list=[1]"])
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        (
+            "opensoraplan1.2",
+            {
+                "s1_1x320x240": ((1, 30, 40), 1), "s2_1x640x480": ((1, 60, 80), 1),
+                "s3_29x640x480": ((8, 60, 80), 2), "s4_29x1280x720": ((8, 90, 160), 4),
+                "s5_93x1280x720": ((24, 90, 160), 8), "i2v_93x640x480": ((24, 60, 80), 8),
+            },
+        ),
+        (
+            "opensoraplan1.3",
+            {
+                "s1_1x320x320": ((1, 40, 40), 1), "s2_93x320x320": ((24, 40, 40), 1),
+                "s3_any93x640x640": ((24, 80, 80), 4), "i2v_any93x640x640": ((24, 60, 60), 4),
+            },
+        ),
+    ],
+)  # fmt: skip
+def test_dit_recipe_stages_validate_for_512_devices(recipe, expected):
+    """Every shipped v1.2 / v1.3 stage validates at its largest shape on 512 devices (the data lists and
+    weights live on the cluster), with the release's objective, VAE and Skiparse, and its I2V stage
+    builds the release's mask width."""
+    from megatron_video.training.denoisers import inpaint_mask_channels
+    from megatron_video.training.stage import read_curriculum
+
+    stages, _ = read_curriculum(EXAMPLES / recipe / "curriculum.yaml")
+    assert {s.name: s.task for s in stages} == {
+        name: ("i2v" if name.startswith("i2v") else "t2v") for name in expected
+    }
+    for spec in stages:
+        d = load_config(spec.config, ["data.data_list=null"]).data
+        largest = [
+            f"shape.num_frames={d.num_frames}",
+            f"shape.height={d.max_height}",
+            f"shape.width={d.max_width}",
+        ]
+        cfg = load_config(spec.config, ["data.data_list=null", "parallel.world_size=512", *largest])
+        cfg.data.validate(cfg.sample_geometry)
+        assert (cfg.latent_grid, cfg.parallel.context_parallel) == expected[spec.name], spec.name
+        m, o = cfg.model, cfg.training.objective
+        assert isinstance(m, OpenSoraDiTConfig) and m.hidden_size == 2304 and m.num_layers == 32
+        if recipe == "opensoraplan1.2":
+            assert (m.version, m.sparse_n, m.in_channels, cfg.vae.kind) == ("v1.2", 1, 4, "causal_vae")
+            assert (o.kind, o.zero_terminal_snr, o.noise_offset) == ("epsilon", False, 0.02)
+            assert (m.interpolation_scale_h, m.interpolation_scale_w) == (
+                (1.5, 2.0) if "1280x720" in spec.name else (1.0, 1.0)
+            )
+        else:
+            assert (m.version, list(m.sparse_blocks), m.in_channels) == ("v1.3", list(range(2, 30)), 8)
+            assert (o.kind, o.zero_terminal_snr, cfg.vae.flavor) == ("v_prediction", True, "wfvae_4x8x8_d8")
+        assert inpaint_mask_channels(cfg, spec.task) == (4 if spec.task == "i2v" else None)
+    last = load_config(stages[-1].config, ["data.data_list=null"])  # v1.3 I2V: Min-Max token resolution
+    assert last.data.force_resolution == (recipe == "opensoraplan1.2")

@@ -20,6 +20,9 @@ from megatron_video.errors import ConfigError
 class OpenSoraDiTConfig:
     """Geometry and options of the v1.2 / v1.3 denoiser (AdaLN-single DiT with cross-attention)."""
 
+    family: Literal["opensora_dit"] = "opensora_dit"
+    """Model family tag: set `model.family: opensora_dit` in a config to train this model."""
+
     flavor: str = "2.7B"
     """Name of the size preset the other fields start from (a key of `FLAVORS`)."""
 

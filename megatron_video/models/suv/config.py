@@ -18,6 +18,9 @@ from megatron_video.errors import ConfigError
 class SUVConfig:
     """Geometry and options of the SUV denoiser."""
 
+    family: Literal["suv"] = "suv"
+    """Model family tag (`model.family` in a config; the default family): the Open-Sora-Plan v1.5 SUV."""
+
     flavor: str = "8.5B"
     """Name of the size preset the other fields start from (a key of `FLAVORS`)."""
 
