@@ -47,6 +47,7 @@ import errno
 import json
 import logging
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_video.parallel.plan import ParallelPlan
+from megatron_video.platform.processes import shield_checkpoint_writer
 from megatron_video.training.checkpoint_files import (
     META_FILE,
     CheckpointSpaceError,
@@ -504,6 +506,9 @@ def save_checkpoint(
         raise ValueError(f"optimizer_format must be one of {OPTIMIZER_FORMATS}, got {optimizer_format!r}")
     save_dir = Path(save_dir)
     rank = dist.get_rank()
+    # Megatron's writer keeps a manager process; ours follows this process's life and survives a
+    # pre-emption signal (a no-op when a stage already set it up with its configured signals).
+    shield_checkpoint_writer((signal.SIGTERM, signal.SIGINT, signal.SIGUSR1))
     if background is not None:
         background.wait()  # one save in flight at a time; its clean-up must not meet this one
 
