@@ -1,6 +1,7 @@
 """training.checkpoint.optimizer_format=dp_reshardable: every rank writes its own optimizer shard (no
 gather to data-parallel rank 0), a resume at the saving layout continues bitwise, and a resume at
-another tensor-parallel size is refused with the reason. `run_stage` on 2 gloo ranks, DP=2."""
+another tensor-parallel size is refused with the reason (into the plain optimizer too:
+`_optimizer_conversion`). `run_stage` on 2 gloo ranks, DP=2."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from megatron_video.testing.distributed import run_distributed
 pytestmark = pytest.mark.distributed
 
 
-def _stage(rank, world_size, stage_dir, steps, tensor_parallel=1):
+def _stage(rank, world_size, stage_dir, steps, tensor_parallel=1, load_dir=None):
     from megatron_video.testing.models import tiny_config
     from megatron_video.training import stage
     from megatron_video.training.checkpoint import CheckpointMismatchError
@@ -28,6 +29,7 @@ def _stage(rank, world_size, stage_dir, steps, tensor_parallel=1):
     t = cfg.training
     t.steps, t.global_batch_size, t.ema_decay = steps, 2, 0.9
     t.checkpoint.save_interval, t.checkpoint.optimizer_format = 2, "dp_reshardable"
+    t.checkpoint.load_dir = str(load_dir) if load_dir else None
     t.logging.tensorboard_dir = t.logging.loss_curve_png = None
     stage.build_batches = lambda cfg, runtime, task: _FixedBatches(
         cfg, runtime.data_parallel_rank, cfg.training.accumulation_steps(runtime.data_parallel), 1
@@ -49,20 +51,18 @@ def _losses(stage_dir):
 
 def test_dp_reshardable_writes_on_every_rank_and_resumes_exactly(tmp_path):
     assert run_distributed(_stage, 2, tmp_path / "full", 4, timeout_s=240) == [None, None]
-    assert run_distributed(_stage, 2, tmp_path / "split", 2, timeout_s=240) == [None, None]
-    folder = tmp_path / "split" / "checkpoints" / "iter_0000002"
+    folder = tmp_path / "full" / "checkpoints" / "iter_0000002"
     meta = json.loads((folder / "checkpoint_meta.json").read_text())
     assert meta["optimizer"]["sharding_type"] == "dp_reshardable"
     written = {r: sum(p.stat().st_size for p in folder.glob(f"__{r}_*.distcp")) for r in (0, 1)}
     assert written[1] > 0.3 * written[0], written  # rank 1 writes its own optimizer shard
 
-    assert run_distributed(_stage, 2, tmp_path / "split", 4, timeout_s=240) == [None, None]
-    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # bitwise
+    # Steps 3 and 4 again, from the step-2 checkpoint in a fresh stage: bitwise the same.
+    assert run_distributed(_stage, 2, tmp_path / "resumed", 4, 1, folder, timeout_s=240) == [None, None]
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4] and resumed == {k: full[k] for k in (3, 4)}
 
     # TP=2 x DP=2 on 4 ranks: the distributed optimizer again, but another tensor-parallel split.
-    errors = run_distributed(_stage, 4, tmp_path / "split", 6, 2, timeout_s=240)
+    errors = run_distributed(_stage, 4, tmp_path / "tp2", 6, 2, folder, timeout_s=240)
     assert len(set(errors)) == 1 and "reshards over data parallel only" in errors[0], errors
     assert "tensor_parallel 1 -> 2" in errors[0]
-    # TP=2 on 2 ranks leaves DP=1 and so the plain optimizer, which this format cannot convert to.
-    errors = run_distributed(_stage, 2, tmp_path / "split", 6, 2, timeout_s=240)
-    assert "does not convert to the plain optimizer" in errors[0], errors

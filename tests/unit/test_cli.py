@@ -50,3 +50,28 @@ def test_curriculum_outputs_of_earlier_stages_need_not_exist(tmp_path, capsys, m
         check_inputs(cfg, produced)  # later stages start from files the earlier ones will write
         produced += (stage_dir,)
     assert len(stages) >= 3
+
+
+def test_checkpoint_paths_that_name_something_else_fail_before_process_groups(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "data.txt"
+    data.write_text("")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "events.txt").write_text("x")
+    (tmp_path / "save" / "iter_0000003").mkdir(parents=True)  # a save that never finished
+    base = ["examples/tiny/t2v.yaml", "vae.checkpoint=null", f"data.data_list={data}"]
+    initialised = dist.is_initialized()
+    for override, words in [
+        (f"training.checkpoint.load_dir={data}", "is not a checkpoint: found a file of 0 B"),
+        (f"training.checkpoint.load_dir={tmp_path / 'logs'}", "found a folder holding events.txt"),
+        (f"training.checkpoint.load_dir={tmp_path / 'save'}", "only unfinished saves (iter_0000003"),
+        (f"training.checkpoint.init_from={tmp_path / 'logs'}", "is neither weights nor a checkpoint"),
+        (
+            f"training.checkpoint.save_dir={tmp_path / 'save' / 'iter_0000003'}",
+            "is one checkpoint, not a save dir",
+        ),
+    ]:
+        assert main("t2v", [*base, override]) == 2
+        err = capsys.readouterr().err
+        assert override.split("=")[0] in err and words in err, err
+    assert dist.is_initialized() == initialised
