@@ -182,3 +182,29 @@ class FeedForward(nn.Module):
         h = F.gelu(h.float(), approximate="tanh").type_as(h)
         out, _ = self.linear_fc2(h)
         return out
+
+
+# -- pipeline chunks and recompute ------------------------------------------------------------------
+
+
+class PipelineChunkInput:
+    """Mixin of a model that can be a pipeline chunk: Megatron's schedule hands it the previous
+    chunk's output through `set_input_tensor` (None on the first chunk)."""
+
+    input_tensor: torch.Tensor | None = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's pipeline schedule hands in the previous chunk's output (None on the first)."""
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.input_tensor = input_tensor
+
+
+def run_maybe_recomputed(recompute: bool, block: nn.Module, tensors: tuple, *constants):
+    """`block(*tensors, *constants)`; with `recompute`, its activations are recomputed in backward
+    (Megatron's checkpoint). `constants` (masks, RoPE tables, flags) carry no gradient."""
+    if not recompute:
+        return block(*tensors, *constants)
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.checkpoint(lambda *t: block(*t, *constants), False, *tensors)

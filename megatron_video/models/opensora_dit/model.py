@@ -50,7 +50,9 @@ from megatron_video.models.common.layers import (
     LayerNormFP32,
     MLPEmbedder,
     PatchEmbed2D,
+    PipelineChunkInput,
     modulate,
+    run_maybe_recomputed,
     timestep_sinusoid,
 )
 from megatron_video.models.common.rope import apply_rope_3d, rope_3d_tables
@@ -269,7 +271,7 @@ def v12_inpaint_mask_layout(mask_BMTHW: torch.Tensor) -> torch.Tensor:
     return frames.reshape(b, m, t, h, w)
 
 
-class OpenSoraDiT(MegatronModule):
+class OpenSoraDiT(PipelineChunkInput, MegatronModule):
     """The v1.2 / v1.3 denoiser (T2V, or I2V with `inpaint_mask_channels`), as one model or one
     pipeline chunk (`blocks`, a contiguous range of block indices).
 
@@ -351,20 +353,10 @@ class OpenSoraDiT(MegatronModule):
             block.recompute_ffn = mode == "ffn" and int(i) < limit
         self._recompute_limit = limit if mode == "full" else 0
 
-    def set_input_tensor(self, input_tensor) -> None:
-        """Megatron's pipeline schedule hands in the previous chunk's output (None on the first)."""
-        if isinstance(input_tensor, list):
-            (input_tensor,) = input_tensor
-        self.input_tensor = input_tensor
-
     def _run_block(self, index, block, x, c, t6, rope, video_keep, text_keep):
-        if self.recompute_full and index < self._recompute_limit:
-            # Masks and RoPE tables carry no gradient; close over them.
-            def run(x_, c_, t6_):
-                return block(x_, c_, t6_, rope, video_keep, text_keep, self.attention_backend)
-
-            return tensor_parallel.checkpoint(run, False, x, c, t6)
-        return block(x, c, t6, rope, video_keep, text_keep, self.attention_backend)
+        recompute = self.recompute_full and index < self._recompute_limit
+        constants = (rope, video_keep, text_keep, self.attention_backend)
+        return run_maybe_recomputed(recompute, block, (x, c, t6), *constants)
 
     def forward(
         self,

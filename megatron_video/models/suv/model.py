@@ -36,9 +36,11 @@ from megatron_video.models.common.layers import (
     FeedForward,
     LayerNormFP32,
     PatchEmbed2D,
+    PipelineChunkInput,
     TimestepTextEmbedding,
     TokenLinear,
     modulate,
+    run_maybe_recomputed,
 )
 from megatron_video.models.common.rope import rope_3d_tables
 from megatron_video.models.conditioning.inpaint import InpaintConditioning
@@ -168,7 +170,7 @@ def pending_skips(cfg: SUVConfig, boundary: int) -> int:
     return pushed - popped
 
 
-class SUVModel(MegatronModule):
+class SUVModel(PipelineChunkInput, MegatronModule):
     """Sparse U-shaped MMDiT denoiser predicting the flow velocity.
 
     A MegatronModule so that DDP, the distributed optimizer and `sharded_state_dict`
@@ -307,20 +309,10 @@ class SUVModel(MegatronModule):
             block.recompute_ffn = mode == "ffn" and g < limit
         self._recompute_limit = limit if mode == "full" else 0
 
-    def set_input_tensor(self, input_tensor) -> None:
-        """Megatron's pipeline schedule hands in the previous chunk's packed output (None on the first)."""
-        if isinstance(input_tensor, list):
-            (input_tensor,) = input_tensor
-        self.input_tensor = input_tensor
-
     def _run_block(self, index, block, x, c, temb, rope, video_keep, text_keep):
-        if self.recompute_full and index < self._recompute_limit:
-            # Masks and RoPE tables carry no gradient; close over them.
-            def run(x_, c_, temb_):
-                return block(x_, c_, temb_, rope, video_keep, text_keep, self.attention_backend)
-
-            return tensor_parallel.checkpoint(run, False, x, c, temb)
-        return block(x, c, temb, rope, video_keep, text_keep, self.attention_backend)
+        recompute = self.recompute_full and index < self._recompute_limit
+        constants = (rope, video_keep, text_keep, self.attention_backend)
+        return run_maybe_recomputed(recompute, block, (x, c, temb), *constants)
 
     def forward(
         self,
