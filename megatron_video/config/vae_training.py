@@ -1,6 +1,6 @@
 """The WF-VAE training config: what `pretrain_vae.py` reads (descriptions and validation only).
 
-    output_dir, steps, ema_decay, micro_batch_size
+    output_dir, steps, ema_decay, micro_batch_size, latent_stats_samples
     model       which WF-VAE, its initial weights, chunked / posterior-sample forward
     loss        loss weights, the GAN schedule and the discriminator (`VAELossConfig`)
     optim       AdamW of the VAE and of the discriminator
@@ -247,6 +247,13 @@ class VAETrainConfig:
     micro_batch_size: int = 1
     """Clips per iteration on each data-parallel rank."""
 
+    latent_stats_samples: int = 0
+    """At export, encode this many training samples (dataset order, epoch-0 crops, shared by the ranks) with each
+    exported set of weights and write the per-channel mean and 1 / std of the posterior means as the
+    exported config's `shift` and `scale`, so a denoiser trained on `encode_latents` sees zero-mean,
+    unit-variance latents. 0 keeps the model's configured shift / scale (fine-tuning released weights
+    whose denoiser expects them)."""
+
     model: VAEModelSection = field(default_factory=VAEModelSection)
     """The VAE."""
 
@@ -291,6 +298,11 @@ class VAETrainConfig:
             raise ConfigError(f"model.init_from: nothing at {self.model.init_from}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.latent_stats_samples < 0:
+            raise ConfigError(
+                f"latent_stats_samples must be >= 0 (0 keeps the configured shift / scale), "
+                f"got {self.latent_stats_samples}"
+            )
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         o = self.optim

@@ -34,6 +34,7 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -352,21 +353,54 @@ class VAETrainer:
             dist.barrier()
         return save_dir / iteration_dir_name(self.step)
 
-    def export(self, output_dir: str | Path) -> list[Path]:
-        """Rank 0 writes final_model (and final_ema) as flat safetensors + json config."""
+    def export(self, output_dir: str | Path, stats_samples: Sequence[dict] = ()) -> list[Path]:
+        """Rank 0 writes final_model (and final_ema) as flat safetensors + json config.
+
+        `stats_samples`: this rank's share of the samples the exported latent shift / scale are
+        measured on (`latent_stats`); empty on every rank keeps the configured ones. Collective when
+        given.
+        """
+        state = {k: v.detach().float().cpu() for k, v in self.vae.state_dict().items()}
+        exports = {"final_model": state}
+        if self.ema is not None:
+            exports["final_ema"] = {**state, **{k: v.cpu() for k, v in self.ema.state_dict().items()}}
+        configs = {name: self.vae_cfg for name in exports}
+        if self.cfg.latent_stats_samples > 0:
+            for name, weights in exports.items():
+                shift, scale = self.latent_stats(weights, stats_samples)
+                configs[name] = dataclasses.replace(self.vae_cfg, shift=shift, scale=scale)
         written = []
         if self.rank == 0:
             from megatron_video.training.export import save_flat  # imports megatron: rank 0 only
 
-            state = {k: v.detach().float().cpu() for k, v in self.vae.state_dict().items()}
-            written.append(save_flat(Path(output_dir) / "final_model", state, self.vae_cfg))
-            if self.ema is not None:
-                ema_state = dict(state)
-                ema_state.update({k: v.cpu() for k, v in self.ema.state_dict().items()})
-                written.append(save_flat(Path(output_dir) / "final_ema", ema_state, self.vae_cfg))
+            for name, weights in exports.items():
+                written.append(save_flat(Path(output_dir) / name, weights, configs[name]))
         if dist.is_initialized():
             dist.barrier()
         return written
+
+    @torch.no_grad()
+    def latent_stats(self, weights: dict, samples: Sequence[dict]) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, 1 / std) of the posterior means of `samples` (this rank's share) under
+        `weights`, summed over all ranks in float64; collective."""
+        vae = WFVAE(self.vae_cfg).to(self.device).eval()
+        vae.load_state_dict(weights)
+        z = self.vae_cfg.latent_dim
+        sums = torch.zeros(3, z, dtype=torch.float64, device=self.device)  # count, sum, sum of squares
+        for sample in samples:
+            video = sample["video"][None].to(self.device)
+            with self._autocast():
+                mean_ZN = vae.encode(video, chunked=self.cfg.model.chunked).mode().float()
+            mean_ZN = mean_ZN.transpose(0, 1).reshape(z, -1).double()
+            sums += torch.stack(
+                [torch.full_like(mean_ZN[:, 0], mean_ZN.shape[1]), mean_ZN.sum(1), mean_ZN.pow(2).sum(1)]
+            )
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        count = sums[0].clamp_min(1.0)
+        mean = sums[1] / count
+        std = (sums[2] / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+        return mean.tolist(), (1.0 / std).tolist()
 
 
 def _clip(params, max_norm: float | None) -> torch.Tensor:
@@ -456,7 +490,10 @@ def run_training(cfg: VAETrainConfig, device: torch.device | str | None = None) 
                 trainer.save_checkpoint(out / "checkpoints", cfg.checkpoint.keep_last)
     finally:
         curve = log.close(str(out / "loss_curve.png"), "WF-VAE reconstruction L1 (mean |x - x_hat|)", "l1")
-    exports = trainer.export(out)
+    n = cfg.latent_stats_samples
+    dataset.set_epoch(0)  # the statistics do not depend on where training stopped
+    stats_samples = [dataset[i % len(dataset)] for i in range(rank, n, world)]
+    exports = trainer.export(out, stats_samples)
     elapsed = time.perf_counter() - start
     if rank == 0:
         print(

@@ -1,7 +1,8 @@
 """WF-VAE training with data parallel 2 over gloo on real demo clips.
 
 One run trains the tiny WF-VAE for 10 iterations (the GAN joins at iteration 6, so both networks
-and the G/D alternation are exercised) and saves checkpoints at 6 and 10. The exported weights
+and the G/D alternation are exercised), saves checkpoints at 6 and 10 and exports weights whose
+configs carry the latent shift / scale measured on 5 training samples over both ranks. The exported weights
 reconstruct the training clips better than the initial ones. A second run resumes from the
 iteration-6 checkpoint and must repeat iterations 6-9 exactly: same losses, same final VAE,
 discriminator, optimizer and EMA state.
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).parents[2]
 STEPS, DISC_START, SAVE = 10, 6, 6
+STATS = 5  # samples the exported latent shift / scale are measured on (ranks take 3 and 2)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def _train_then_resume(rank, world_size, data_txt, tmp):
 
     results = []
     for name, extra in (
-        ("full", []),
+        ("full", [f"latent_stats_samples={STATS}"]),
         ("resumed", [f"checkpoint.load={tmp / 'full' / 'checkpoints' / f'iter_{SAVE:07d}'}"]),
     ):
         cfg = load_vae_train_config(
@@ -111,6 +113,23 @@ def test_dp2_training_reduces_reconstruction_and_resume_is_exact(data_txt, tmp_p
         f"reconstruction L1 of the training clips: {before:.4f} at init, {after:.4f} after {STEPS} iterations"
     )
     assert after < 0.9 * before, (before, after)
+
+    # The exported shift / scale normalise the latents of the samples they were measured on.
+    import json
+
+    from megatron_video.models.wfvae.config import WFVAEConfig
+    from megatron_video.models.wfvae.model import WFVAE
+
+    for name in ("final_model", "final_ema"):
+        saved = json.loads((tmp_path / "full" / f"{name}.json").read_text())
+        vae = WFVAE(WFVAEConfig(**saved)).eval()
+        vae.load_state_dict(load_file(tmp_path / "full" / f"{name}.safetensors"))
+        assert saved["shift"] != [0.0] * 8 and saved["scale"] != [1.0] * 8
+        with torch.no_grad():
+            z = torch.cat([vae.encode_latents(clips[i : i + 1], sample=False) for i in range(STATS)])
+        z = z.transpose(0, 1).reshape(8, -1).double()
+        assert torch.allclose(z.mean(dim=1), torch.zeros(8, dtype=torch.float64), atol=1e-4), z.mean(dim=1)
+        assert torch.allclose(z.std(dim=1, unbiased=False), torch.ones(8, dtype=torch.float64), atol=1e-4)
 
     # The run resumed from iteration 6 in a fresh folder repeats iterations 6-9 exactly.
     assert [m["step"] for m in r_history] == list(range(DISC_START, STEPS))
