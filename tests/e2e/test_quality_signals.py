@@ -21,8 +21,9 @@ pytestmark = pytest.mark.e2e
 PROMPTS = ["A red car / a white post: 50% grey?", "Ünïcødé rabbit 🐇 yawns"]
 
 
-def _stages(rank, world_size, runs, data_list):
-    """run_stage for each (stage dir, steps) in `runs`, in order, in this process group."""
+def _stages(rank, world_size, runs, data_list, extra=(), config="t2v"):
+    """run_stage of examples/tiny/<config>.yaml for each (stage dir, steps) in `runs`, in order, in
+    this process group."""
     import os
 
     from megatron_video.config import load_config
@@ -30,7 +31,8 @@ def _stages(rank, world_size, runs, data_list):
 
     os.chdir(ROOT)
     for stage_dir, steps in runs:
-        run_stage(load_config("examples/tiny/t2v.yaml", _overrides(data_list, steps)), "t2v", stage_dir)
+        cfg = load_config(f"examples/tiny/{config}.yaml", [*_overrides(data_list, steps), *extra])
+        run_stage(cfg, config, stage_dir)
     return rank
 
 
@@ -92,3 +94,62 @@ def test_validation_and_samples_through_a_resume(demo_data, tmp_path):
         resumed / "samples/step_0000004" / name
     ).read_bytes()
     assert any((straight / "tensorboard").iterdir())
+
+
+def _sample_vbench(rank, world_size, argv):
+    import os
+    import sys
+
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "tools"))
+    import sample_video
+
+    return sample_video.main(argv)
+
+
+def test_sample_video_writes_vbench_names(demo_data, tmp_path):
+    """--prompts-file with --names vbench: {prompt}-{index}.mp4 per prompt and sample, seeds in the manifest."""
+    from megatron_video.inference.naming import prompt_from_file_name
+
+    stage = tmp_path / "stage"
+    one_process = [
+        "parallel.tensor_parallel=1",
+        "parallel.sequence_parallel=false",
+        "training.samples.interval=0",
+    ]
+    run_distributed(_stages, 1, [(stage, 1)], demo_data, one_process, timeout_s=600)
+    prompts = ["a cat, playing! (50% off)", "a/b: Ünïcødé 猫 “quoted”", "plain prompt"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n", encoding="utf-8")
+    out = tmp_path / "vbench"
+    argv = [
+        "--config", "examples/tiny/t2v.yaml", "--weights", str(stage / "final_ema.safetensors"),
+        "vae.checkpoint=null", "parallel.tensor_parallel=1", "parallel.sequence_parallel=false",
+        "--prompts-file", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "2", "--names", "vbench",
+        "--steps", "2", "--guidance-scale", "1", "--seed", "10", "--out-dir", str(out),
+    ]  # fmt: skip
+    assert run_distributed(_sample_vbench, 1, argv, timeout_s=600) == [0]
+    names = sorted(p.name for p in out.glob("*.mp4"))
+    assert "plain prompt-0.mp4" in names and "plain prompt-1.mp4" in names
+    assert sorted(prompt_from_file_name(n) for n in names) == sorted((p, i) for p in prompts for i in (0, 1))
+    manifest = {m["file"]: m for m in json.loads((out / "manifest.json").read_text(encoding="utf-8"))}
+    assert sorted(m["seed"] for m in manifest.values()) == list(range(10, 16))  # seed + prompt * 2 + index
+    assert manifest["plain prompt-1.mp4"]["seed"] == 15
+
+
+def test_i2v_samples_under_context_parallel(demo_data, tmp_path):
+    """CP = 2: the I2V stage samples with its condition image; the sheet shows the image first."""
+    import numpy as np
+    from PIL import Image
+
+    image = demo_data.parent / "media" / "images" / "astronaut.jpg"
+    extra = [
+        "training.validation.interval=0",
+        "training.samples.interval=1",
+        "training.samples.seeds=[0]",
+        f"training.samples.condition_images={json.dumps([str(image), str(image)])}",
+    ]
+    run_distributed(_stages, 2, [(tmp_path / "i2v", 1)], demo_data, extra, "i2v", timeout_s=600)
+    folder = tmp_path / "i2v" / "samples" / "step_0000001"
+    assert len(list(folder.glob("*.mp4"))) == 2
+    sheet = np.asarray(Image.open(folder / "contact_sheet.png").convert("RGB"))
+    assert sheet.shape[0] > 2 * 64 and sheet.shape[1] >= 6 * 64  # 2 rows of condition + 5 frames, scaled
