@@ -178,7 +178,7 @@ class CheckpointSamples:
                 for j, (p, k) in enumerate(self.jobs)
             ),
         )
-        log.add_image("samples/contact_sheet", np.asarray(Image.open(sheet).convert("RGB")), step)
+        log.add_image("samples/contact_sheet", np.array(Image.open(sheet).convert("RGB")), step)
         for j, frames in mine.items():
             p, k = self.jobs[j]
             log.add_video(
