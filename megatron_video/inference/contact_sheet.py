@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+MIN_TEXT_WIDTH = 480
+"""Narrowest sheet, in pixels, so that labels of short strips (single images) stay readable."""
+
 Frames = np.ndarray | torch.Tensor
 """Video frames [T, H, W, 3] uint8 (what `data.video_io.video_to_uint8` returns), or one image [H, W, 3]."""
 
@@ -94,7 +97,7 @@ def contact_sheet(
             parts.append((_strip(ref, (frame_w, frame_h), gap), offset * (frame_w + gap)))
         parts.append((_strip(shown, (frame_w, frame_h), gap), 0))
         strips.append((row, parts))
-    width = max(x + s.width for _, parts in strips for s, x in parts)
+    width = max(MIN_TEXT_WIDTH, *(x + s.width for _, parts in strips for s, x in parts))
     chars = max(20, (width + 2 * pad) // 6)
     blocks = []
     for row, parts in strips:
