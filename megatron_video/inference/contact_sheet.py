@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+FIGURE_COLOR = (40, 90, 160)
+"""Colour of the figure text under each label."""
+
 MIN_TEXT_WIDTH = 480
 """Narrowest sheet, in pixels, so that labels of short strips (single images) stay readable."""
 
@@ -101,9 +104,11 @@ def contact_sheet(
     chars = max(20, (width + 2 * pad) // 6)
     blocks = []
     for row, parts in strips:
-        lines = textwrap.wrap(row.label, chars) or [""]
-        lines += textwrap.wrap(row.figures, chars) if row.figures else []
-        blocks.append((lines, parts))
+        label = textwrap.wrap(row.label, chars) or [""]
+        figures = textwrap.wrap(row.figures, chars) if row.figures else []
+        blocks.append(
+            ([(line, "black") for line in label] + [(line, FIGURE_COLOR) for line in figures], parts)
+        )
     height = pad + (line_h + pad if title else 0)
     for lines, parts in blocks:
         height += len(lines) * line_h + gap + sum(s.height + gap for s, _ in parts) + pad
@@ -114,8 +119,8 @@ def contact_sheet(
         draw.text((pad, y), title, fill="black", font=font)
         y += line_h + pad
     for lines, parts in blocks:
-        for i, line in enumerate(lines):
-            draw.text((pad, y), line, fill="black" if i == 0 else (40, 90, 160), font=font)
+        for line, color in lines:
+            draw.text((pad, y), line, fill=color, font=font)
             y += line_h
         y += gap
         for strip, x in parts:
