@@ -7,9 +7,17 @@
         [--cfg-parallel] --out-dir samples/
 
 Layout: the stage config's tensor / context (Ulysses) parallel sizes split one video over the ranks
-of a replica; the remaining processes are data-parallel replicas that take every n-th prompt, or,
+of a replica; the remaining processes are data-parallel replicas that take every n-th video, or,
 with --cfg-parallel, pairs of replicas running the conditional and unconditional branches. One
-rank per replica (pair) writes sample_<prompt index>.mp4 for its prompts.
+rank per replica (pair) writes the mp4s of its videos.
+
+Names: sample_<video index>.mp4 (default), or with --names vbench `{prompt}-{index}.mp4`, VBench's
+layout (index 0 .. --samples-per-prompt - 1; VBench's standard suite wants 5, 25 for temporal
+flickering), the prompt escaped only where a file name cannot hold it (megatron_video/inference/naming.py).
+Video j of prompt i is seeded with seed + i * samples_per_prompt + j. manifest.json beside the videos
+lists every file's prompt, index and seed. Then, with VBench installed (it downloads its own models):
+    vbench evaluate --videos_path OUT_DIR --dimension subject_consistency      (VBench prompts)
+    vbench evaluate --videos_path OUT_DIR --dimension subject_consistency --mode=custom_input
 
 Weights: a flat export (final_ema.safetensors or final_model.safetensors beside its .json), a
 training checkpoint directory (EMA weights unless --raw), or a released Open-Sora-Plan v1.2 / v1.3
@@ -76,8 +84,19 @@ def parse_args(argv=None):
     p.add_argument(
         "--cfg-parallel", action="store_true", help="conditional / unconditional branch on two replicas"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="prompts denoised together per replica")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of prompt 0 (prompt i: seed + i)")
+    p.add_argument("--batch-size", type=int, default=1, help="videos denoised together per replica")
+    p.add_argument(
+        "--seed", type=int, default=0, help="noise seed of video 0 (video j of prompt i: seed + i * N + j)"
+    )
+    p.add_argument(
+        "--samples-per-prompt", type=int, default=1, help="N videos per prompt, each with its own seed"
+    )
+    p.add_argument(
+        "--names",
+        choices=("sample", "vbench"),
+        default="sample",
+        help="file names: sample_<video index>.mp4, or VBench's {prompt}-{index}.mp4",
+    )
     p.add_argument("--fps", type=float, default=None)
     p.add_argument("--out-dir", default="samples")
     return p.parse_intermixed_args(argv)
@@ -205,6 +224,9 @@ def load_weights(model, runtime, path: str, raw: bool) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_video.platform.quiet import install_output_filters
+
+    install_output_filters()  # before megatron is imported
     from megatron_video.config import load_config
     from megatron_video.inference.pipeline import (
         FLOW_SAMPLER,
@@ -232,6 +254,21 @@ def main(argv=None) -> int:
         prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         return _error("give --prompt or --prompts-file")
+    if args.samples_per_prompt < 1:
+        return _error(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    from megatron_video.inference.naming import video_file_name, write_manifest
+
+    # Video k is sample j of prompt i, k = i * N + j, seeded seed + k (N = 1: prompt i gets seed + i).
+    per = args.samples_per_prompt
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(per)]
+    names = [
+        video_file_name(prompts[i], j) if args.names == "vbench" else f"sample_{k:03d}.mp4"
+        for k, (i, j) in enumerate(jobs)
+    ]
+    if len(set(names)) != len(names):
+        return _error(
+            "two videos would get the same file name: a prompt is listed twice (use distinct prompts)"
+        )
     if cfg.parallel.pipeline_parallel > 1:
         return _error(
             "sampling splits one video with tensor and context parallel; set parallel.pipeline_parallel=1"
@@ -319,12 +356,12 @@ def main(argv=None) -> int:
     elif inpainting:  # an I2V model without condition frames: every frame masked (the t2iv mode)
         frames = torch.empty(0, 3, sc.height, sc.width)
 
-    mine = groups.prompt_indices(len(prompts))
+    mine = groups.prompt_indices(len(jobs))
     out = Path(args.out_dir)
     all_steps = StepTimer(sc.steps, False)
     for first in range(0, len(mine), args.batch_size):
         batch = mine[first : first + args.batch_size]
-        timer = StepTimer(sc.steps, runtime.is_main, f"prompts {batch[0]}-{batch[-1]}")
+        timer = StepTimer(sc.steps, runtime.is_main, f"videos {batch[0]}-{batch[-1]}")
         condition = None
         if frames is not None:
             condition = encode_condition(
@@ -333,15 +370,15 @@ def main(argv=None) -> int:
                 sc.num_frames,
                 (sc.height, sc.width),
                 sc.condition_noise,
-                [sc.seed + i for i in batch],
+                [sc.seed + k for k in batch],
             )
         latents = sample_latents(
             model,
             text,
-            [prompts[i] for i in batch],
+            [prompts[jobs[k][0]] for k in batch],
             sc,
             shape,
-            [sc.seed + i for i in batch],
+            [sc.seed + k for k in batch],
             condition,
             groups,
             ddpm,
@@ -350,10 +387,17 @@ def main(argv=None) -> int:
         all_steps.times += timer.times
         if groups.writer:
             videos = vae.decode_latents(latents).clamp(-1, 1)
-            paths = write_videos(videos, [out / f"sample_{i:03d}.mp4" for i in batch], sc.fps)
-            for path, i in zip(paths, batch):
-                print(f"wrote {path}: {prompts[i]}", flush=True)
+            paths = write_videos(videos, [out / names[k] for k in batch], sc.fps)
+            for path, k in zip(paths, batch):
+                print(f"wrote {path}: {prompts[jobs[k][0]]}", flush=True)
     if runtime.is_main:
+        write_manifest(
+            out / "manifest.json",
+            (
+                {"file": names[k], "prompt": prompts[i], "index": j, "seed": sc.seed + k}
+                for k, (i, j) in enumerate(jobs)
+            ),
+        )
         print(f"denoising ({runtime.world_size} process(es)): {all_steps.summary()}", flush=True)
     if dist.is_initialized():
         dist.barrier()

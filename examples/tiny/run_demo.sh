@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NPROC=${NPROC:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process (torchrun otherwise sets it, with a banner)
 OUT=outputs/tiny
 RUN="torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT:-29533}"
 start=$(date +%s)

@@ -193,6 +193,27 @@ class ExperimentConfig:
         s = self.shape
         return 1 + (s.num_frames - 1) // stride_t, s.height // stride_hw, s.width // stride_hw
 
+    def _validate_quality_signals(self) -> None:
+        """Validation loss and samples during training: what they need from the other sections."""
+        t = self.training
+        if t.validation.interval:
+            if not self.data.has_validation_split:
+                raise ConfigError(
+                    "training.validation.interval > 0 needs validation samples: set data.validation_fraction "
+                    "(held out of data_list) or data.validation_data_list"
+                )
+            if self.features.cache_dir:
+                raise ConfigError(
+                    "training.validation encodes its held-out samples online; it cannot run from a feature "
+                    "cache (features.cache_dir): set training.validation.interval=0"
+                )
+        for name in ("validation", "samples"):
+            if getattr(t, name).interval and self.parallel.pipeline_parallel > 1:
+                raise ConfigError(
+                    f"training.{name} runs the whole model on every rank of a replica; with "
+                    f"parallel.pipeline_parallel={self.parallel.pipeline_parallel} set training.{name}.interval=0"
+                )
+
     def validate(self) -> None:
         """Raise ConfigError naming the field and the fix; needs no process group."""
         self.model.validate()
@@ -223,6 +244,7 @@ class ExperimentConfig:
                     f"model.caption_channels={self.model.caption_channels} but the text encoder gives "
                     f"{text_width}-wide token states; set model.caption_channels={text_width}"
                 )
+        self._validate_quality_signals()
         p, m, s = self.parallel, self.model, self.shape
         stride_t, stride_hw = self.vae.strides
         latent_frames = self.latent_grid[0]

@@ -159,6 +159,105 @@ class LoggingConfig:
     device_peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for the MFU estimate; None omits MFU."""
 
+    eta_min_steps: int = 50
+    """Stages of at least this many steps add the elapsed time and an ETA to each console line; 0 always."""
+
+
+VALIDATION_WEIGHTS = ("ema", "raw", "both")
+
+
+@dataclass
+class ValidationConfig:
+    """A validation loss on held-out samples (`data.validation_fraction` or `data.validation_data_list`)
+    at fixed noise levels and fixed noise, so every evaluation scores the same inputs: the curve is
+    smooth, comparable across runs and resumes, and equal for every parallel layout."""
+
+    interval: int = 0
+    """Evaluate every N optimizer steps (and after the last step); 0 disables validation."""
+
+    num_samples: int = 8
+    """Held-out samples scored (the first N of the split, in a fixed order); fewer when the split is smaller."""
+
+    points: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    """Noise levels, as fractions of the schedule in (0, 1): flow scores sigma = point (unshifted),
+    DDPM objectives timestep round(point x (steps - 1)). Every sample is scored at every point."""
+
+    seed: int = 0
+    """Seed of the fixed noise: sample i at point j draws from a generator keyed by (seed, i, j),
+    independent of training.seed, of the step and of the layout."""
+
+    weights: Literal["ema", "raw", "both"] = "both"
+    """Which weights are scored: the EMA (`val_loss_ema`), the raw trained weights (`val_loss`), or both."""
+
+    def validate(self, ema_enabled: bool) -> None:
+        """Raise ConfigError for a negative interval, empty points or points outside (0, 1)."""
+        if self.interval < 0:
+            raise ConfigError(f"training.validation.interval must be >= 0 (0 disables), got {self.interval}")
+        if self.num_samples < 1:
+            raise ConfigError(f"training.validation.num_samples must be >= 1, got {self.num_samples}")
+        if not self.points or not all(0.0 < p < 1.0 for p in self.points):
+            raise ConfigError(
+                f"training.validation.points must be a non-empty list of numbers in (0, 1), got {self.points}"
+            )
+        if self.weights not in VALIDATION_WEIGHTS:
+            raise ConfigError(
+                f"training.validation.weights must be one of {list(VALIDATION_WEIGHTS)}, got {self.weights!r}"
+            )
+        if self.interval and self.weights != "raw" and not ema_enabled:
+            raise ConfigError(
+                f"training.validation.weights={self.weights} needs an EMA; set training.ema_decay or "
+                "training.validation.weights=raw"
+            )
+
+
+@dataclass
+class SamplesConfig:
+    """Videos sampled with the EMA weights during training, for a fixed list of prompts and seeds:
+    mp4s and a contact sheet under `<stage>/samples/step_XXXXXXX/`, and TensorBoard videos / images."""
+
+    interval: int = 0
+    """Sample every N optimizer steps and after the last step; 0 disables sampling."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Prompts sampled each time (required when `interval` > 0)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Noise seeds: every prompt is sampled once per seed."""
+
+    condition_images: list[str] = field(default_factory=list)
+    """I2V stages: one condition image per prompt (its first frame); empty samples I2V models from text
+    alone (every frame masked). Ignored by T2V stages."""
+
+    steps: int = 20
+    """Denoising steps."""
+
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale (1 disables the unconditional branch)."""
+
+    fps: float | None = None
+    """Frame rate of the mp4s; None uses data.train_fps."""
+
+    frames_in_sheet: int = 5
+    """Frames per video shown in the contact sheet (evenly spaced)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for sampling that is on but has nothing to sample, or bad sizes."""
+        if self.interval < 0:
+            raise ConfigError(f"training.samples.interval must be >= 0 (0 disables), got {self.interval}")
+        if self.interval and not self.prompts:
+            raise ConfigError(
+                "training.samples.interval > 0 needs training.samples.prompts (a list of prompts)"
+            )
+        if not self.seeds:
+            raise ConfigError("training.samples.seeds must list at least one seed")
+        if self.steps < 1 or self.frames_in_sheet < 1:
+            raise ConfigError("training.samples.steps and frames_in_sheet must be >= 1")
+        if self.condition_images and len(self.condition_images) != len(self.prompts):
+            raise ConfigError(
+                f"training.samples.condition_images lists {len(self.condition_images)} images for "
+                f"{len(self.prompts)} prompts; give one per prompt (or none)"
+            )
+
 
 @dataclass
 class TrainingConfig:
@@ -204,6 +303,12 @@ class TrainingConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
 
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Validation loss on held-out samples (off unless `interval` > 0)."""
+
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    """Videos sampled at fixed prompts and seeds during training (off unless `interval` > 0)."""
+
     def accumulation_steps(self, data_parallel_size: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         per_step = self.micro_batch_size * data_parallel_size
@@ -247,3 +352,7 @@ class TrainingConfig:
         self.checkpoint.preemption_signal_numbers()
         if self.logging.log_interval < 1:
             raise ConfigError("training.logging.log_interval must be >= 1")
+        if self.logging.eta_min_steps < 0:
+            raise ConfigError("training.logging.eta_min_steps must be >= 0")
+        self.validation.validate(self.ema_decay is not None)
+        self.samples.validate()

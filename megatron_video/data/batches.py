@@ -215,6 +215,11 @@ class EncodedBatches:
 
     # -- encoding ---------------------------------------------------------------------------------
 
+    def encode(self, raw: dict, epoch: int) -> TrainBatch:
+        """A collated micro-batch (`collate_samples`) encoded with the draws of `epoch` (the validation
+        set encodes its samples through this, outside the training order)."""
+        return self._encode_batch(raw, epoch)
+
     @torch.no_grad()
     def _encode_batch(self, raw: dict, epoch: int) -> TrainBatch:
         seed = self.cfg.training.seed

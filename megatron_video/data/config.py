@@ -78,6 +78,16 @@ class DataConfig:
     """Which entries a stage trains on: v1.5's image stages use images, its video stages videos only.
     Context-parallel stages need videos (an image has one latent frame, which cannot be split)."""
 
+    validation_fraction: float = 0.0
+    """Fraction of the entries of `data_list` held out of training for the validation loss
+    (`training.validation`). Which entries are held out depends only on each media path and `seed`,
+    so the split is the same in every run, layout and resume; at least one entry is held out when
+    the fraction is > 0. 0 holds out nothing."""
+
+    validation_data_list: str | None = None
+    """A separate data.txt whose entries are the validation samples (training keeps all of
+    `data_list`). Exclusive with `validation_fraction`."""
+
     check_files_exist: bool = True
     """Stat every media file while reading annotations and skip (count) the missing ones. Turn off for
     very large lists on slow file systems; a missing file then fails at load time and is replaced."""
@@ -179,6 +189,11 @@ class DataConfig:
     max_load_attempts: int = 20
     """Replacements tried (same bucket) after an unreadable sample before the loader raises."""
 
+    @property
+    def has_validation_split(self) -> bool:
+        """Whether validation samples are configured (a held-out fraction or a separate list)."""
+        return self.validation_fraction > 0 or bool(self.validation_data_list)
+
     def validate(self, geometry: SampleGeometry) -> None:
         """Raise ConfigError naming the field and the fix; reads no file. `geometry` is what the VAE,
         the context-parallel size and the micro-batch impose on samples."""
@@ -194,6 +209,15 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"data.validation_fraction must be in [0, 1) (0 holds out nothing), got {self.validation_fraction}"
+            )
+        if self.validation_fraction > 0 and self.validation_data_list:
+            raise ConfigError(
+                "data.validation_fraction and data.validation_data_list both name validation samples; set one "
+                "(validation_data_list=null to hold out a fraction of data_list)"
+            )
         if not 0.0 <= self.drop_short_ratio <= 1.0:
             raise ConfigError(f"data.drop_short_ratio must be in [0, 1], got {self.drop_short_ratio}")
         if self.speed_factor < 1.0:

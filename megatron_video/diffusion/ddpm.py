@@ -63,6 +63,10 @@ class DDPMObjective:
         u = lo + (hi - lo) * draw(generator, batch, (), "rand", torch.float64)
         return u.round().clamp(0, t - 1).long()
 
+    def level(self, point: float) -> int:
+        """The integer timestep at `point` in (0, 1) of the schedule."""
+        return round(point * (self.num_steps - 1))
+
     def snr(self, t_B: torch.Tensor) -> torch.Tensor:
         """alpha_bar / (1 - alpha_bar) at integer timesteps."""
         a = self.alphas_bar[t_B]
@@ -75,6 +79,11 @@ class DDPMObjective:
         noise = draw(generator, b, tuple(x0_BCTHW.shape[1:]))
         if self.noise_offset:
             noise = noise + self.noise_offset * draw(generator, b, (x0_BCTHW.shape[1], 1, 1, 1))
+        return self.noised_inputs_at(x0_BCTHW, noise, t)
+
+    def noised_inputs_at(self, x0_BCTHW: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> NoisedInputs:
+        """x_t, timesteps, target and Min-SNR weight at given integer timesteps [B] and noise."""
+        t = t.long().cpu()
         noise = noise.to(x0_BCTHW.device)
         a = self.alphas_bar[t].float().to(x0_BCTHW.device).view(-1, 1, 1, 1, 1)
         x_t = a.sqrt() * x0_BCTHW.float() + (1 - a).sqrt() * noise

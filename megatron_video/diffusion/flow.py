@@ -82,8 +82,19 @@ class FlowMatching:
         b = x0_BCTHW.shape[0]
         sigma = self.sample_sigmas(b, tuple(x0_BCTHW.shape[-2:]), generator).to(x0_BCTHW.device)
         noise = draw(generator, b, tuple(x0_BCTHW.shape[1:])).to(x0_BCTHW.device)
-        x_t = self.noisy_input(x0_BCTHW, noise, sigma).to(x0_BCTHW.dtype)
-        return NoisedInputs(x_t, self.timesteps(sigma), self.target(x0_BCTHW, noise, sigma))
+        return self.noised_inputs_at(x0_BCTHW, noise, sigma)
+
+    def noised_inputs_at(
+        self, x0_BCTHW: torch.Tensor, noise: torch.Tensor, sigma_B: torch.Tensor
+    ) -> NoisedInputs:
+        """x_sigma, timesteps and target at given sigmas [B] and noise (fixed-level evaluation)."""
+        sigma_B = sigma_B.to(x0_BCTHW.device)
+        x_t = self.noisy_input(x0_BCTHW, noise, sigma_B).to(x0_BCTHW.dtype)
+        return NoisedInputs(x_t, self.timesteps(sigma_B), self.target(x0_BCTHW, noise, sigma_B))
+
+    def level(self, point: float) -> float:
+        """The sigma at `point` in (0, 1) of the noise range (unshifted)."""
+        return float(point)
 
     def loss(
         self, pred: torch.Tensor, inputs: NoisedInputs, loss_mask_BTHW: torch.Tensor | None = None

@@ -36,6 +36,17 @@ DEFAULT_NEGATIVE_PROMPT = (
 FLOW_SAMPLER = "flow_euler"
 
 
+RELEASE_DEFAULTS = {
+    "flow": {"guidance_scale": 8.0, "guidance_rescale": 0.7, "prompt_template": "high quality, {}"},
+    "ddpm": {
+        "guidance_scale": 7.5,
+        "guidance_rescale": 0.0,
+        "prompt_template": "high quality, high aesthetic, {}",
+    },
+}
+"""Guidance and prompt template of the releases: v1.5 for flow models, v1.3 (and v1.2) for DDPM ones."""
+
+
 @dataclass
 class SamplingConfig:
     """How a video is sampled."""

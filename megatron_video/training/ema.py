@@ -6,6 +6,9 @@ sharded like the model and is checkpointed through the same sharded state dict.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -34,6 +37,20 @@ class ParamEMA:
         for name, p in model.named_parameters():
             if name in self.shadow:
                 p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Run the body with the average in the model's parameters; the trained values are put back
+        bit for bit afterwards (also when the body raises)."""
+        saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in saved:
+                        p.copy_(saved[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Averaged tensors by parameter name."""

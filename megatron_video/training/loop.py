@@ -147,6 +147,11 @@ class Trainer:
         self.accumulation = t.accumulation_steps(rt.data_parallel)
 
     @property
+    def ema_module(self) -> nn.Module:
+        """The module whose named parameters the EMA tracks (the model, or every chunk's once)."""
+        return self._ema_params
+
+    @property
     def model_chunks(self) -> list:
         """DDP-wrapped model chunks (one without virtual pipelining)."""
         return list(self._ddp_chunks)

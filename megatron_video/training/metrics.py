@@ -36,6 +36,8 @@ CONSOLE_FIELDS: tuple[tuple[str, str], ...] = (
     ("clip_threshold", ".3f"),
     ("skipped_steps", "d"),
     ("lr", ".2e"),
+    ("val_loss", ".4f"),
+    ("val_loss_ema", ".4f"),
     ("samples_per_s", ".2f"),
     ("tokens_per_s", ".0f"),
     ("mfu", ".3f"),
@@ -62,14 +64,20 @@ class MetricsLogger:
         console_mean: bool = False,
         resources: bool = True,
         start_step: int | None = None,
+        total_steps: int | None = None,
     ):
         """console_fields: (metric, format) pairs of the console line; console_mean: print each
         field's mean over the steps since the last line instead of the current step's value;
         resources: add throughput (samples/s, tokens/s, MFU) and peak memory to every record
         (False keeps records to the caller's metrics, which a resumed run then repeats exactly);
         start_step: a run resumed at this step keeps the JSON lines of earlier steps (and puts
-        them in `history`) and drops the later ones it redoes; None appends to the file."""
+        them in `history`) and drops the later ones it redoes; None appends to the file;
+        total_steps: the stage's last step, which adds elapsed time and an ETA to the console line
+        (None leaves them out)."""
         self.enabled = enabled
+        self.total_steps = total_steps
+        self._started: float | None = None
+        self._first_step: int | None = None
         self.log_interval = log_interval
         self.history: list[dict] = []
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
@@ -105,6 +113,8 @@ class MetricsLogger:
         print every `log_interval` steps."""
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
+        if self._started is None:  # the first step of this run: the clock of the ETA starts before it
+            self._started, self._first_step = now - elapsed, step - 1
         metrics = dict(metrics)
         if self.resources:
             metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
@@ -128,7 +138,7 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and key != "step":
-                    self._writer.add_scalar(f"train/{key}", value, step)
+                    self._writer.add_scalar(scalar_tag(key), value, step)
         shown = metrics
         if self.console_mean:
             for key, value in metrics.items():
@@ -138,11 +148,37 @@ class MetricsLogger:
             if self.console_mean:
                 shown = {key: sum(values) / len(values) for key, values in self._pending.items()}
                 self._pending.clear()
-            parts = [f"step {step}"]
+            parts = [f"step {step}" if self.total_steps is None else f"step {step}/{self.total_steps}"]
             for key, fmt in self.console_fields:
                 if key in shown:
                     parts.append(f"{key} {format(shown[key], fmt)}")
+            if self.total_steps is not None and step > self._first_step:
+                spent = now - self._started
+                left = spent / (step - self._first_step) * max(self.total_steps - step, 0)
+                parts.append(f"elapsed {format_duration(spent)} | eta {format_duration(left)}")
             print(" | ".join(parts), flush=True)
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation, sampling) out of the next step's throughput."""
+        self._last += seconds
+
+    def add_video(self, tag: str, frames_TCHW_uint8: torch.Tensor, step: int, fps: float) -> None:
+        """A video in TensorBoard (its frames as an image strip when moviepy, which add_video needs,
+        is not installed)."""
+        if self._writer is None:
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("moviepy") is not None:
+            self._writer.add_video(tag, frames_TCHW_uint8[None], step, fps=max(1, round(fps)))
+        else:
+            strip = torch.cat(list(frames_TCHW_uint8), dim=-1)  # frames side by side: [C, H, T*W]
+            self._writer.add_image(f"{tag}/frames", strip, step)
+
+    def add_image(self, tag: str, image_HWC_uint8, step: int) -> None:
+        """An image (e.g. a contact sheet) in TensorBoard."""
+        if self._writer is not None:
+            self._writer.add_image(tag, torch.as_tensor(image_HWC_uint8), step, dataformats="HWC")
 
     def close(
         self, loss_curve_png: str | None = None, title: str = "training loss", loss_key: str = "loss"
@@ -156,12 +192,49 @@ class MetricsLogger:
         points = [(m["step"], m[loss_key]) for m in self.history if loss_key in m]
         if not loss_curve_png or not points:
             return None
-        write_loss_curve(loss_curve_png, points, title)
+        validation = {key: [(m["step"], m[key]) for m in self.history if key in m] for key in VALIDATION_KEYS}
+        write_loss_curve(loss_curve_png, points, title, {k: v for k, v in validation.items() if v})
         return Path(loss_curve_png)
 
 
-def write_loss_curve(path: str | Path, points: list[tuple[int, float]], title: str = "training loss") -> None:
-    """Plot (step, loss) points to a PNG."""
+VALIDATION_KEYS = ("val_loss", "val_loss_ema")
+"""Metrics of the validation loss (raw and EMA weights), drawn over the training loss."""
+
+
+def scalar_tag(key: str) -> str:
+    """TensorBoard tag of a metric: validation metrics under `val/`, the rest under `train/`."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour)."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def smoothed(values: Sequence[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing): s_i = weighted mean of
+    values[:i + 1] with weights weight^(i - k)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight ** (i + 1)))
+    return out
+
+
+def write_loss_curve(
+    path: str | Path,
+    points: list[tuple[int, float]],
+    title: str = "training loss",
+    validation: dict[str, list[tuple[int, float]]] | None = None,
+    smoothing: float | None = None,
+) -> None:
+    """Plot (step, loss) points to a PNG: the raw points faint, their smoothed line over them, and
+    each validation series (name -> (step, loss) points) as a marked line.
+
+    smoothing: weight of the moving average (None: 0.9, lowered for short runs so the line still
+    follows the trend: 1 - 5 / steps at most)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,11 +243,21 @@ def write_loss_curve(path: str | Path, points: list[tuple[int, float]], title: s
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     steps, losses = zip(*points)
-    ax.plot(steps, losses, lw=1.2)
+    weight = smoothing if smoothing is not None else min(0.9, max(0.0, 1 - 5 / max(len(points), 1)))
+    ax.plot(steps, losses, lw=0.8, alpha=0.3, color="tab:blue", label="training loss")
+    ax.plot(
+        steps, smoothed(losses, weight), lw=1.6, color="tab:blue", label=f"training loss (EMA {weight:.2f})"
+    )
+    colors = {"val_loss": "tab:orange", "val_loss_ema": "tab:green"}
+    names = {"val_loss": "validation (raw weights)", "val_loss_ema": "validation (EMA weights)"}
+    for key, series in (validation or {}).items():
+        v_steps, v_losses = zip(*series)
+        ax.plot(v_steps, v_losses, "o-", ms=3, lw=1.4, color=colors.get(key), label=names.get(key, key))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

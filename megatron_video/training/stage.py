@@ -45,6 +45,7 @@ from megatron_video.training.export import (
 from megatron_video.training.loop import Trainer
 from megatron_video.training.metrics import MetricsLogger
 from megatron_video.training.preemption import Preempted, PreemptionSignals
+from megatron_video.training.quality import StageQuality
 from megatron_video.training.resume_policy import SETTINGS_KEY, apply_resume_policy, settings_snapshot
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,19 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
             print(f"resumed from {resume_dir} at step {trainer.step}", flush=True)
 
     log = MetricsLogger(
-        runtime.is_main, t.logging.tensorboard_dir, t.logging.log_interval, str(stage_dir / "metrics.jsonl")
+        runtime.is_main,
+        t.logging.tensorboard_dir,
+        t.logging.log_interval,
+        str(stage_dir / "metrics.jsonl"),
+        total_steps=t.steps if t.steps >= t.logging.eta_min_steps else None,
+    )
+    quality = StageQuality.build(
+        cfg,
+        runtime,
+        task,
+        stage_dir,
+        batches,
+        lambda: (build_vae(cfg.vae, runtime.device), build_text_encoder(cfg, runtime.device)),
     )
     tokens, flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
     losses = []
@@ -253,6 +266,7 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
             raise Preempted(stop.name, trainer.step, None)
         while trainer.step < t.steps:
             metrics = trainer.train_step(batches)
+            metrics.update(quality.after_step(trainer, log))  # validation loss, samples (when due)
             losses.append(metrics["loss"])
             log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
             if background is not None:
@@ -304,13 +318,14 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
         )
     from megatron_video.data.batches import EncodedBatches
     from megatron_video.data.dataset import VideoTextDataset
+    from megatron_video.data.holdout import training_entries
 
     torch.manual_seed(cfg.training.seed)  # a random-init VAE (tests) is then the same in every layout
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
     return EncodedBatches(
         cfg,
-        VideoTextDataset(cfg.data, cfg.sample_geometry),
+        VideoTextDataset(cfg.data, cfg.sample_geometry, training_entries(cfg.data)),
         vae,
         text,
         runtime.data_parallel_rank,
