@@ -43,6 +43,9 @@ ModelConfig = SUVConfig | OpenSoraDiTConfig
 
 GB = 1e9
 
+BUCKET_PARAMS = 40_000_000
+"""Megatron DDP's gradient bucket size (parameters) when the reduction overlaps the backward pass."""
+
 FROZEN_ENCODER_PARAMS: dict[str, int] = {
     "wfvae:wfvae_8x8x8_d32": 227_035_624,
     "t5": 1_223_522_304,
@@ -80,6 +83,10 @@ class Layout:
     """Peak working memory of encoding one micro-batch with the VAE (online encoding)."""
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
+    reduce_copies_bucket: bool = False
+    """The gradient reduce-scatter copies its bucket (gloo, the CPU backend, does; NCCL and HCCL
+    reduce in place). Megatron's DDP keeps one bucket per parameter dtype without overlap, buckets
+    of `BUCKET_PARAMS` with it."""
 
     @property
     def devices(self) -> int:
@@ -112,6 +119,8 @@ class MemoryBreakdown:
     """Saved activation bytes of one micro-batch by block kind (e.g. 'k=4 none')."""
     encode_peak: float = 0.0
     """Static + frozen encoders + the VAE's working set while a micro-batch is encoded."""
+    reduce_peak: float = 0.0
+    """Static + the copied gradient bucket while gradients are reduced (`Layout.reduce_copies_bucket`)."""
 
     @property
     def static(self) -> float:
@@ -134,8 +143,9 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> float:
-        """Predicted peak allocated bytes (the larger of the training pass and online encoding)."""
-        return max(self.step_peak, self.encode_peak)
+        """Predicted peak allocated bytes: the largest of the training pass, online encoding and the
+        gradient reduction."""
+        return max(self.step_peak, self.encode_peak, self.reduce_peak)
 
     def rows(self) -> list[tuple[str, float]]:
         """(component, GB) for printing."""
@@ -366,6 +376,13 @@ def _rank_memory(
         key = f"k={cfg.block_sparse_n[g]}"
         m.per_block.setdefault(key, acts[g].none)
     m.encode_peak = m.static + layout.vae_working_bytes
+    if layout.reduce_copies_bucket:
+        bucket = (
+            min(max(params.linear, params.fp32), BUCKET_PARAMS)
+            if layout.overlap_grad_reduce
+            else max(params.linear, params.fp32)
+        )
+        m.reduce_peak = m.static + 4 * bucket
     return m
 
 

@@ -32,16 +32,13 @@ from megatron_video.models.opensora_dit.config import OpenSoraDiTConfig
 from megatron_video.models.suv.config import SUVConfig
 from megatron_video.planning.devices import Device
 from megatron_video.planning.flops import sample_flops
-from megatron_video.planning.memory import Layout, stage_tensor_bytes
+from megatron_video.planning.memory import BUCKET_PARAMS, Layout, stage_tensor_bytes
 from megatron_video.planning.params import chunk_parameters, pipeline_chunks
 
 ModelConfig = SUVConfig | OpenSoraDiTConfig
 
 COLLECTIVE_EFFICIENCY = 0.8
 """Achieved fraction of the link bandwidth in large collectives."""
-
-BUCKET_PARAMS = 40_000_000
-"""Megatron DDP's gradient bucket size (parameters): the last bucket's reduction cannot be hidden."""
 
 
 @dataclass
