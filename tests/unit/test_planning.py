@@ -257,3 +257,25 @@ def test_planner_on_a_released_stage():
     assert 1.2 < plan.step.hardware_flops / plan.step.model_flops < 4 / 3 + 1e-9  # full recompute
     assert plan.memory.frozen_encoders > 0  # encodes online
     assert plan.fits and 0 < plan.step.mfu < 1
+
+
+def test_plan_tool_prints_the_breakdown_and_a_table(capsys, tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "plan.py"
+    spec = importlib.util.spec_from_file_location("plan_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    stage = "examples/opensoraplan1.5/video_s4.yaml"
+    assert tool.main([stage, "--devices", "512", "--device", "910b"]) == 0
+    out = capsys.readouterr().out
+    assert "TP4+SP CP1 PP1 rc=full mbs=1, DP128" in out and "predicted step" in out
+    assert "Adam moments" in out and "frozen VAE / text encoders" in out
+    report = tmp_path / "plan.json"
+    args = [stage, "examples/opensoraplan1.5/video_s5.yaml", "training.micro_batch_size=1"]
+    assert tool.main([*args, "--devices", "512", "--device", "h100", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| video_s") == 2
+    assert json.loads(report.read_text())["video_s4"]["fits"] is True
