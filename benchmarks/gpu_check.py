@@ -1,7 +1,7 @@
 """The prepared GPU check (`bash benchmarks/gpu_check.sh`): kernels, bf16 SUV steps, Skiparse ratios.
 
 On one CUDA device, in under 8 minutes:
-  (a) every attention backend of `platform.attention.BACKENDS` that runs here, forward + backward
+  (a) the achieved bf16 matmul rate (8192^2 products; the planner's --matmul-tflops), and every attention backend of `platform.attention.BACKENDS` that runs here, forward + backward
       on dense and Skiparse shapes with key masks, against SDPA's math kernel in fp32 (bf16
       tolerance: relative L2 error <= 2e-2 for the output and each gradient), and its time;
   (b) bf16 training steps of the 2B SUV on one device (DP = 1, distributed optimizer, EMA) at
@@ -202,6 +202,14 @@ def check_attention(device, dtype, smoke: bool) -> list[dict]:
                 )
                 rows.append(row)
     return rows
+
+
+def matmul_rate(device, dtype, smoke: bool) -> dict:
+    """Achieved dense matmul rate (the planner's `--matmul-tflops`) on square products."""
+    size = 256 if smoke else 8192
+    a, b = (torch.randn(size, size).to(device, dtype) for _ in range(2))
+    seconds = _timed(lambda: a @ b, device, 3 if smoke else 20)
+    return dict(size=size, dtype=str(dtype), tflops=round(2 * size**3 / seconds / 1e12, 1))
 
 
 # -- (b) training steps ------------------------------------------------------------------------------
@@ -415,6 +423,8 @@ def main(argv=None) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         report.update(cuda=device.type == "cuda", device=name, peak_tflops=peak)
         print(f"device: {name} (bf16 peak {peak} TFLOP/s)", flush=True)
+        report["matmul"] = matmul_rate(device, dtype, args.smoke)
+        print(f"matmul {report['matmul']}", flush=True)
         report["attention"] = check_attention(device, dtype, args.smoke)
         _print_table("(a) attention kernels vs SDPA math (fp32)", report["attention"])
         correct = [r for r in report["attention"] if r.get("correct") and r["shape"] == "k=1"]
