@@ -214,8 +214,9 @@ class ExperimentConfig:
                     f"parallel.pipeline_parallel={self.parallel.pipeline_parallel} set training.{name}.interval=0"
                 )
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the field and the fix; needs no process group."""
+    def validate(self, check_files: bool = True) -> None:
+        """Raise ConfigError naming the field and the fix; needs no process group. `check_files`
+        false skips looking for the text encoders' weight folders (planning a run elsewhere)."""
         self.model.validate()
         self.training.validate()
         self.i2v.validate()
@@ -237,8 +238,8 @@ class ExperimentConfig:
                 )
             text_width = None
             if self.features.cache_dir is None:  # a cached run needs no encoder weights
-                self.text.validate()
-                text_width = _text_width(self.text)
+                self.text.validate(check_files)
+                text_width = _text_width(self.text) if check_files else None
             if text_width is not None and text_width != self.model.caption_channels:
                 raise ConfigError(
                     f"model.caption_channels={self.model.caption_channels} but the text encoder gives "
@@ -378,14 +379,17 @@ def _text_width(text: TextEncoderPairConfig) -> int | None:
     return data.get("d_model") or data.get("hidden_size")
 
 
-def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`."""
+def build_config(
+    data: dict[str, Any], overrides: list[str] | None = None, check_files: bool = True
+) -> ExperimentConfig:
+    """Mapping (+ dotted overrides) -> validated ExperimentConfig, expanding `model.flavor`
+    (`check_files`: see `ExperimentConfig.validate`)."""
     data = apply_overrides(data, list(overrides or []))
     data = {**data, "model": model_config_from_dict(dict(data.get("model") or {}))}
     cfg = from_dict(ExperimentConfig, data)
     if "shape" not in data:
         derive_shape(cfg)
-    cfg.validate()
+    cfg.validate(check_files)
     return cfg
 
 
@@ -402,6 +406,9 @@ def derive_shape(cfg: ExperimentConfig) -> None:
     )
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config (with `base:` parents), apply overrides, validate."""
-    return build_config(read_yaml_with_bases(path), overrides)
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, check_files: bool = True
+) -> ExperimentConfig:
+    """Read a YAML config (with `base:` parents), apply overrides, validate (`check_files`: see
+    `ExperimentConfig.validate`)."""
+    return build_config(read_yaml_with_bases(path), overrides, check_files)

@@ -157,7 +157,9 @@ class LoggingConfig:
     """Write a loss-curve PNG here at the end of the run; None disables."""
 
     device_peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device for the MFU estimate; None omits MFU."""
+    """Peak dense bf16 TFLOP/s of one device for MFU / HFU; None takes it from the device's name
+    (megatron_video/planning/devices.py: H100 / H200 989, A100 312, B200 2250, Ascend 910B 354) and
+    omits them on devices not in that table (the CPU)."""
 
     eta_min_steps: int = 50
     """Stages of at least this many steps add the elapsed time and an ETA to each console line; 0 always."""

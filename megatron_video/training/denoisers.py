@@ -9,7 +9,6 @@ family-agnostic:
 - `transition_weights`: flat weights of an earlier stage -> the weights this stage loads (SUV:
   dense -> SUV re-staging; DiT: T2V -> I2V as the release does it), and which new modules may stay
   as built;
-- `flops_per_sample`: training FLOPs of one sample, for MFU.
 
 The I2V mask reaches every model in the v1.3 channel layout (`data.i2v_masks.compress_mask`); a v1.2
 DiT converts it on entry (`v12_inpaint_mask_layout`, a forward pre-hook set by `build_model`).
@@ -160,21 +159,3 @@ class _State:
 
     def state_dict(self) -> dict:
         return self.state
-
-
-def flops_per_sample(model_cfg: ModelConfig, video_tokens: int, text_tokens: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one sample through the family's blocks."""
-    from megatron_video.training.metrics import model_flops_per_sample
-
-    m = model_cfg
-    if isinstance(m, SUVConfig):
-        return model_flops_per_sample(
-            m.total_layers, m.hidden_size, video_tokens, text_tokens, m.block_sparse_n
-        )
-    # Per DiT block (multiply-adds x 2): self-attention q/k/v/out 8 N D^2, cross-attention q/out 4 N D^2
-    # and k/v 4 L D^2, FFN 4 ff_mult N D^2; scores and values 4 (N/k) N D (self) + 4 N L D (cross).
-    n, t, d = video_tokens, text_tokens, m.hidden_size
-    total = 0.0
-    for k in m.block_sparse_n:
-        total += (12 + 4 * m.ff_mult) * n * d * d + 4 * t * d * d + 4 * (n / k) * n * d + 4 * n * t * d
-    return 3 * total

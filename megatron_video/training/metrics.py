@@ -12,22 +12,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from megatron_video.planning.devices import device_from_name
 
 
-def model_flops_per_sample(
-    num_layers: int, hidden: int, video_tokens: int, text_tokens: int, sparse_n: list[int] | None = None
-) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one sample through the SUV blocks.
-
-    Per block: q/k/v/out projections of both streams 8 (N + L) D^2, FFN 16 (N + L) D^2, attention
-    4 (N/k + L) (N + L) D for sparsity k (scores and values).
-    """
-    ks = sparse_n or [1] * num_layers
-    n, t, d = video_tokens, text_tokens, hidden
-    total = 0.0
-    for k in ks:
-        total += 2 * (12 * (n + t) * d * d) + 4 * (n / k + t) * (n + t) * d
-    return 3 * total
+def device_peak_tflops(device: torch.device, configured: float | None = None) -> float | None:
+    """Dense bf16 peak of one device for MFU: `configured` (training.logging.device_peak_tflops) when
+    set, else the planner's table entry for the device's name (planning/devices.py), else None."""
+    if configured:
+        return configured
+    name = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "npu":
+        npu = getattr(torch, "npu", None)
+        name = npu.get_device_name(device) if npu is not None else None
+    entry = device_from_name(name) if name else None
+    return entry.peak_tflops if entry else None
 
 
 CONSOLE_FIELDS: tuple[tuple[str, str], ...] = (
@@ -41,6 +43,7 @@ CONSOLE_FIELDS: tuple[tuple[str, str], ...] = (
     ("samples_per_s", ".2f"),
     ("tokens_per_s", ".0f"),
     ("mfu", ".3f"),
+    ("hfu", ".3f"),
     ("peak_mem_gib", ".2f"),
     ("peak_rss_gib", ".2f"),
 )
@@ -108,9 +111,12 @@ class MetricsLogger:
         tokens: int = 0,
         flops: float | None = None,
         peak_tflops: float | None = None,
+        hardware_flops: float | None = None,
     ) -> None:
         """Record one step (samples and tokens it processed: the throughput of `resources`);
-        print every `log_interval` steps."""
+        print every `log_interval` steps. `flops` / `hardware_flops`: the step's model FLOPs and
+        the FLOPs the devices execute (recompute, Skiparse padding), summed over all devices;
+        with `peak_tflops` (one device) and the world size they give `mfu` and `hfu`."""
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
         if self._started is None:  # the first step of this run: the clock of the ETA starts before it
@@ -119,8 +125,13 @@ class MetricsLogger:
         if self.resources:
             metrics["samples_per_s"] = samples / max(elapsed, 1e-9)
             metrics["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-            if flops is not None and peak_tflops:
-                metrics["mfu"] = flops / max(elapsed, 1e-9) / (peak_tflops * 1e12)
+            if peak_tflops:
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                capacity = max(elapsed, 1e-9) * peak_tflops * 1e12 * world
+                if flops is not None:
+                    metrics["mfu"] = flops / capacity
+                if hardware_flops is not None:
+                    metrics["hfu"] = hardware_flops / capacity
             if torch.cuda.is_available():
                 metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:

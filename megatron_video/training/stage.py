@@ -30,6 +30,7 @@ from megatron_video.config.schema import ExperimentConfig, build_config
 from megatron_video.errors import ConfigError
 from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.parallel.setup import setup_parallel
+from megatron_video.planning.flops import sample_flops, video_tokens
 from megatron_video.platform.launch import Runtime, init_distributed
 from megatron_video.training import checkpoint as ckpt
 from megatron_video.training import denoisers
@@ -43,7 +44,7 @@ from megatron_video.training.export import (
     save_flat,
 )
 from megatron_video.training.loop import Trainer
-from megatron_video.training.metrics import MetricsLogger
+from megatron_video.training.metrics import MetricsLogger, device_peak_tflops
 from megatron_video.training.preemption import Preempted, PreemptionSignals
 from megatron_video.training.quality import StageQuality
 from megatron_video.training.resume_policy import SETTINGS_KEY, apply_resume_policy, settings_snapshot
@@ -258,7 +259,8 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
         batches,
         lambda: (build_vae(cfg.vae, runtime.device), build_text_encoder(cfg, runtime.device)),
     )
-    tokens, flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
+    tokens, flops, hardware_flops = _step_work(cfg)  # per optimizer step, at the configured largest shape
+    peak_tflops = device_peak_tflops(runtime.device, t.logging.device_peak_tflops)
     losses = []
     background = BackgroundSaves() if t.checkpoint.async_save else None
     try:
@@ -268,7 +270,7 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
             metrics = trainer.train_step(batches)
             metrics.update(quality.after_step(trainer, log))  # validation loss, samples (when due)
             losses.append(metrics["loss"])
-            log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, t.logging.device_peak_tflops)
+            log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, peak_tflops, hardware_flops)
             if background is not None:
                 background.poll()  # publishes a background save whose writers have all finished
             stopping = stop.agreed()
@@ -343,13 +345,13 @@ def encoder_group(cfg: ExperimentConfig, plan: ParallelPlan):
     return plan.tensor_context_parallel_group
 
 
-def _step_work(cfg: ExperimentConfig) -> tuple[int, float]:
-    """(video tokens, model FLOPs) of one global batch at the configured largest shape."""
-    s, m = cfg.shape, cfg.model
-    lat_t, lat_h, lat_w = cfg.latent_grid
-    n = lat_t * (lat_h // m.patch_size) * (lat_w // m.patch_size)
-    per_sample = denoisers.flops_per_sample(m, n, s.text_length)
-    return n * cfg.training.global_batch_size, per_sample * cfg.training.global_batch_size
+def _step_work(cfg: ExperimentConfig) -> tuple[int, float, float]:
+    """(video tokens, model FLOPs, hardware FLOPs) of one global batch at the configured largest
+    shape (planning/flops.py: Skiparse at N^2/k, recompute counted as hardware FLOPs only)."""
+    n = video_tokens(cfg.model, cfg.latent_grid)
+    per_sample = sample_flops(cfg.model, n, cfg.shape.text_length)
+    batch = cfg.training.global_batch_size
+    return n * batch, per_sample.model * batch, per_sample.hardware * batch
 
 
 def _save(trainer: Trainer, batches, cfg: ExperimentConfig, background: BackgroundSaves | None) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).parents[2] / "megatron_video"
 LAYERS = (
     ("errors", "config"),
     ("platform", "parallel"),
-    ("models", "diffusion"),
+    ("models", "diffusion", "planning"),
     ("data",),
     ("training", "inference"),
     ("testing",),

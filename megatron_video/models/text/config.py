@@ -69,8 +69,9 @@ class TextEncoderConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
-    def validate(self) -> None:
-        """Raise ConfigError when the encoder cannot be loaded as configured (checks the folder)."""
+    def validate(self, check_files: bool = True) -> None:
+        """Raise ConfigError when the encoder cannot be loaded as configured (checks the folder
+        unless `check_files` is false, as for planning a run on another machine)."""
         if self.kind not in KIND_DEFAULTS:
             raise ConfigError(
                 f"text encoder kind '{self.kind}' is unknown; choose one of {sorted(KIND_DEFAULTS)}"
@@ -86,7 +87,8 @@ class TextEncoderConfig:
                 f"text encoder '{self.kind}' has no pooled output; set pooled=false and take the pooled "
                 f"vector from one of {list(_POOLED_KINDS)}"
             )
-        self.model_path()
+        if check_files:
+            self.model_path()
 
     def model_path(self) -> Path:
         """The local weights folder; ConfigError saying what to download when it is missing."""
@@ -133,13 +135,14 @@ class TextEncoderPairConfig:
     """Separate encoder of the pooled vector [B, P] (v1.5: CLIP bigG). None: the context encoder
     gives it when its `pooled` is true (MiniLM), otherwise there is no pooled input."""
 
-    def validate(self) -> None:
-        """Raise ConfigError when an encoder is misconfigured or cannot fill its role."""
-        self.context.validate()
+    def validate(self, check_files: bool = True) -> None:
+        """Raise ConfigError when an encoder is misconfigured or cannot fill its role (its weights
+        folder is checked unless `check_files` is false)."""
+        self.context.validate(check_files)
         if not self.context.token_states:
             raise ConfigError(f"text.context encoder '{self.context.kind}' must have token_states=true")
         if self.pooled is not None:
-            self.pooled.validate()
+            self.pooled.validate(check_files)
             if not self.pooled.pooled:
                 raise ConfigError(f"text.pooled encoder '{self.pooled.kind}' must have pooled=true")
 
