@@ -115,7 +115,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def check_text(value: str, name: str) -> None:
     """Raise BadTextError when `value` holds a lone surrogate (e.g. from a JSON escape "\\ud83d")."""
-    found = _SURROGATE.search(value)
+    found = None if value.isascii() else _SURROGATE.search(value)
     if found is not None:
         raise BadTextError(
             f"{name} holds the lone surrogate U+{ord(found.group()):04X} at character {found.start()} "
@@ -211,7 +211,7 @@ def parse_entry(raw: Any, root: str | os.PathLike, location: str = "") -> Entry:
     path = raw.get("path")
     if not isinstance(path, str) or not path:
         raise EntryError(f"'path' must be a non-empty string, got {path!r}")
-    suffix = Path(path).suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
         raise EntryError(
             f"'path' {path!r}: unknown extension; videos {VIDEO_EXTENSIONS}, images {IMAGE_EXTENSIONS}"

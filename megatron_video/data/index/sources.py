@@ -214,6 +214,8 @@ _WORD_OUTSIDE_CJK = re.compile(r"[^\W\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 def is_cjk_only(caption: str) -> bool:
     """True for a caption with CJK ideographs and no other letter or digit."""
+    if caption.isascii():
+        return False
     return _CJK.search(caption) is not None and _WORD_OUTSIDE_CJK.search(caption) is None
 
 
@@ -243,7 +245,7 @@ def _probe_fixes(raw: dict, root: Path, options: BuildOptions) -> tuple[dict, in
     path = raw.get("path")
     if not isinstance(path, str) or not path or options.probe == "none":
         return raw, 0, []
-    is_image = Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    is_image = os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
     lacks_fps = raw.get("fps") is None
     lacks_frames = raw.get("num_frames") is None and raw.get("cut") is None
     if options.probe == "missing" and (is_image or not (lacks_fps or lacks_frames)):
