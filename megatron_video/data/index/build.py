@@ -239,23 +239,26 @@ def _finalise(partial: Path, out: Path, plan: dict, chunks: list[Chunk]) -> dict
     numeric: dict[str, list[np.ndarray]] = {name: [] for name in NUMERIC_COLUMNS}
     strings_path = partial / STRINGS
     string_schema = pa.schema([("path", pa.string()), ("captions", pa.list_(pa.string()))])
-    with pa.OSFile(str(strings_path), "wb") as sink, pa.ipc.new_file(sink, string_schema) as strings:
-        with open(partial / SKIPPED, "w", encoding="utf-8") as skipped:
-            for k in range(len(chunks)):
-                done = json.loads(_part(partial, k, ".done.json").read_text(encoding="utf-8"))
-                counts.update(done["counts"])
-                seconds += done["seconds"]
-                with pa.memory_map(str(_part(partial, k, ".arrow"))) as source:
-                    part = pa.ipc.open_file(source).read_all().combine_chunks()
-                for name in NUMERIC_COLUMNS:
-                    numeric[name].append(part.column(name).to_numpy())
-                strings.write_batch(
-                    pa.record_batch(
-                        [part.column("path").combine_chunks(), part.column("captions").combine_chunks()],
-                        schema=string_schema,
-                    )
+    with (
+        pa.OSFile(str(strings_path), "wb") as sink,
+        pa.ipc.new_file(sink, string_schema) as strings,
+        open(partial / SKIPPED, "w", encoding="utf-8") as skipped,
+    ):
+        for k in range(len(chunks)):
+            done = json.loads(_part(partial, k, ".done.json").read_text(encoding="utf-8"))
+            counts.update(done["counts"])
+            seconds += done["seconds"]
+            with pa.memory_map(str(_part(partial, k, ".arrow"))) as source:
+                part = pa.ipc.open_file(source).read_all().combine_chunks()
+            for name in NUMERIC_COLUMNS:
+                numeric[name].append(part.column(name).to_numpy().copy())
+            strings.write_batch(
+                pa.record_batch(
+                    [part.column("path").combine_chunks(), part.column("captions").combine_chunks()],
+                    schema=string_schema,
                 )
-                skipped.write(_part(partial, k, ".skipped.jsonl").read_text(encoding="utf-8"))
+            )
+            skipped.write(_part(partial, k, ".skipped.jsonl").read_text(encoding="utf-8"))
     arrays = {name: np.concatenate(numeric[name]) for name in NUMERIC_COLUMNS}
     rows = len(arrays["num_frames"])
     batch = pa.record_batch([pa.array(arrays[n]) for n in NUMERIC_COLUMNS], names=list(NUMERIC_COLUMNS))

@@ -331,12 +331,10 @@ class ChunkReader:
             flags, fixes = 0, []
             if isinstance(raw, dict):
                 path = raw.get("path")
-                if self.options.check_files and isinstance(path, str) and path:
-                    if not os.path.isfile(os.path.join(self.root, path)):
-                        self._say(
-                            "missing_file", position, f"media file {self.root / path} does not exist", True
-                        )
-                        return
+                checked = self.options.check_files and isinstance(path, str) and path
+                if checked and not os.path.isfile(os.path.join(self.root, path)):
+                    self._say("missing_file", position, f"media file {self.root / path} does not exist", True)
+                    return
                 raw, flags, fixes = _probe_fixes(raw, self.root, self.options)
                 if flags & FLAG_RESOLUTION_CORRECTED:
                     _with_checked_crop(raw)
