@@ -227,7 +227,7 @@ class EncodedBatches:
         """(dataset indices, epoch) of the replica's next micro-batch, read ahead of consumption."""
         if self._index_iter is None:
             sampler = MegabatchBucketSampler(
-                self.dataset.buckets,
+                getattr(self.dataset, "buckets", None) or self.dataset.bucket_keys,
                 batch_size=self.dataset.geometry.micro_batch_size,
                 dp_rank=self.dp_rank,
                 dp_size=self.dp_size,

@@ -349,7 +349,7 @@ def build_dataloader(
     """
     cfg, geometry = dataset.cfg, dataset.geometry
     sampler = MegabatchBucketSampler(
-        dataset.buckets,
+        getattr(dataset, "buckets", None) or dataset.bucket_keys,  # integer ids when the dataset has them
         batch_size=geometry.micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,
