@@ -1,5 +1,6 @@
 """The data side of a stage's reporting: the start-up summary of what was kept and skipped (WARNING on
-the main rank, one `data/...` record in metrics.jsonl and TensorBoard) and per-step data metrics.
+the main rank; its numbers as `data/...` keys of the run's first step record in metrics.jsonl and
+TensorBoard) and per-step data metrics.
 
 Per step (as torchtitan and Megatron log them): `data_wait_s` (seconds the step waited for loaded
 micro-batches; the slowest data-parallel rank), `data_wait_share` (of the step's wall time),
@@ -29,11 +30,15 @@ def announce_data(dataset, global_batch_size: int, is_main: bool) -> dict[str, f
 
 
 def step_data_metrics(batches, group, step_seconds: float) -> dict[str, float]:
-    """Data metrics of the step just taken from `batches.stats` (empty when the source keeps none);
-    a collective over `group` (the data-parallel group): every rank calls it."""
+    """Data metrics of the step just taken from `batches.stats` (empty when the source keeps none),
+    plus, on the first call, the start-up summary `batches.data_summary`; a collective over `group`
+    (the data-parallel group): every rank calls it."""
+    summary = getattr(batches, "data_summary", None) or {}
+    if summary:
+        batches.data_summary = None
     stats = getattr(batches, "stats", None)
     if stats is None:
-        return {}
+        return dict(summary)
     values = stats.take()
     failures = torch.tensor([float(values.get("load_failures", 0))], dtype=torch.float64)
     times = torch.tensor([values.get("data_wait_s", 0.0), values.get("encode_s", 0.0)], dtype=torch.float64)
@@ -49,4 +54,4 @@ def step_data_metrics(batches, group, step_seconds: float) -> dict[str, float]:
     if "encode_s" in values:
         metrics["encode_s"] = encode
         metrics["encode_share"] = encode / max(step_seconds, 1e-9)
-    return metrics
+    return {**metrics, **summary}

@@ -144,21 +144,6 @@ class MetricsLogger:
                     parts.append(f"{key} {format(shown[key], fmt)}")
             print(" | ".join(parts), flush=True)
 
-    def log_summary(self, step: int, metrics: dict) -> None:
-        """One record that is not a training step (e.g. the data summary at start): a JSON line with
-        `"summary": true` and TensorBoard scalars, nothing on the console."""
-        if not self.enabled or not metrics:
-            return
-        record = {**metrics, "step": step, "summary": True}
-        if self.jsonl_path is not None:
-            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, step)
-
     def close(
         self, loss_curve_png: str | None = None, title: str = "training loss", loss_key: str = "loss"
     ) -> Path | None:

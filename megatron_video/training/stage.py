@@ -253,7 +253,6 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
     try:
         if stop.agreed():  # a signal during start-up: nothing new to save
             raise Preempted(stop.name, trainer.step, None)
-        log.log_summary(trainer.step, getattr(batches, "data_summary", {}))
         while trainer.step < t.steps:
             started = time.perf_counter()
             metrics = trainer.train_step(batches)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from megatron_video.data.annotations import load_annotations
+from megatron_video.data.batches import BatchStats
 from megatron_video.data.config import DataConfig, SampleGeometry
 from megatron_video.data.dataset import VideoTextDataset
 from megatron_video.data.index.build import build_index, table_from_data_list
@@ -21,7 +22,7 @@ from megatron_video.data.index.sources import BuildOptions
 from megatron_video.data.text import clean_caption
 from megatron_video.data.video_io import _decode_after_seek, read_video_frames, write_video
 from megatron_video.errors import ConfigError
-from megatron_video.training.data_metrics import announce_data
+from megatron_video.training.data_metrics import announce_data, step_data_metrics
 from megatron_video.training.metrics import MetricsLogger
 
 GEOMETRY = SampleGeometry(vae_stride_t=4, vae_stride_hw=8, micro_batch_size=1)
@@ -236,8 +237,7 @@ def test_replica_ranks_that_loaded_different_samples_are_stopped(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from megatron_video.data.batches import BatchStats, check_replica_indices
-    from megatron_video.training.data_metrics import step_data_metrics
+    from megatron_video.data.batches import check_replica_indices
 
     def all_gather(out, mine, group=None):
         out[0].copy_(mine)
