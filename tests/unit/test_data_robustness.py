@@ -205,11 +205,15 @@ def test_skip_summary_reaches_metrics_jsonl_and_is_logged_at_warning(root, tmp_p
     assert (
         "annotation_missing_file: 1" in caplog.text and f"{root / 'a.jsonl'}:2: missing_file" in caplog.text
     )
-    log = MetricsLogger(True, jsonl_path=str(tmp_path / "metrics.jsonl"))
-    log.log_summary(0, metrics)
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    # the stage adds the summary to its first step record (step_data_metrics), once
+    source = type("Source", (), {"data_summary": metrics, "stats": BatchStats()})()
+    log = MetricsLogger(True, jsonl_path=str(tmp_path / "metrics.jsonl"), resources=False)
+    for step in (1, 2):
+        log.log(step, {"loss": 0.5, **step_data_metrics(source, None, 1.0)})
+    record, second = (json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert "data/samples" not in second and second["load_failures"] == 0
     assert (
-        record["summary"] and record["data/annotation_entries"] == 4 and record["data/annotation_kept"] == 2
+        record["step"] == 1 and record["data/annotation_entries"] == 4 and record["data/annotation_kept"] == 2
     )
     assert record["data/annotation_missing_file"] == 1 and record["data/annotation_malformed"] == 1
     assert record["data/skipped_video_too_long"] == 1 and record["data/samples"] == 1
