@@ -267,3 +267,22 @@ def test_table_from_entries_round_trips(tmp_path):
     assert [dataclasses.replace(table.entry(i), location="") for i in range(len(entries))] == [
         dataclasses.replace(e, location="") for e in entries
     ]
+
+
+def test_ranks_share_the_chunks_and_rank_0_finalises(tmp_path):
+    import threading
+
+    data_txt = write_list(tmp_path / "data", synthetic_records(600, seed=2))
+    out, options = tmp_path / "index", BuildOptions(check_files=False, probe="none")
+    results = {}
+    other = threading.Thread(
+        target=lambda: results.update(
+            r1=build_index(data_txt, out, options, chunk_bytes=20_000, rank=1, world_size=2)
+        )
+    )
+    other.start()
+    manifest = build_index(data_txt, out, options, chunk_bytes=20_000, rank=0, world_size=2)
+    other.join()
+    assert results == {"r1": None} and manifest["rows"] == 600 and manifest["chunks"] > 2
+    memory = table_from_data_list(data_txt, options)
+    np.testing.assert_array_equal(open_index(out).columns["position"], memory.columns["position"])
