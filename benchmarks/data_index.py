@@ -252,6 +252,31 @@ def build(data_txt: Path, out: Path, workers: int) -> dict:
     return {"rows": manifest["rows"], "build_s": round(seconds, 1), "bytes": manifest["bytes"]}
 
 
+def tile_index(source: Path, out: Path, times: int) -> None:
+    """An index of `times` x the rows of `source` (its rows repeated): the start-up measurement at a
+    size whose build does not fit the time at hand. Start-up cost depends on the row count and the
+    value distribution, which tiling keeps."""
+    import pyarrow as pa
+
+    if (out / "manifest.json").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    samples = pa.ipc.open_file(pa.memory_map(str(source / "samples.arrow"))).read_all().combine_chunks()
+    tiled = pa.concat_tables([samples] * times).combine_chunks()
+    with pa.OSFile(str(out / "samples.arrow"), "wb") as sink, pa.ipc.new_file(sink, tiled.schema) as writer:
+        writer.write_table(tiled, max_chunksize=len(tiled))
+    reader = pa.ipc.open_file(pa.memory_map(str(source / "strings.arrow")))
+    with pa.OSFile(str(out / "strings.arrow"), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+        for _ in range(times):
+            for i in range(reader.num_record_batches):
+                writer.write_batch(reader.get_batch(i))
+    (out / "skipped.jsonl").write_text("")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["rows"] = len(tiled)
+    manifest["tiled_from"] = {"index": str(source), "times": times}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=10_000_000)
@@ -261,6 +286,10 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/data_index_bench")
     p.add_argument("--workers", type=int, default=2, help="build processes")
     p.add_argument("--procs", type=int, default=2, help="processes started together on one index")
+    p.add_argument(
+        "--tile", type=int, default=0,
+        help="also measure start-up on an index of tile x --records rows made by repeating the built one",
+    )  # fmt: skip
     args = p.parse_args()
     work = Path(args.workdir)
     sizes = [args.records] + ([args.json_records] if args.json_records else [])
@@ -285,6 +314,11 @@ def main() -> None:
         if n == args.json_records:
             for r in measure("json", str(data_txt), args.procs):
                 print(json.dumps({"records": n, **r}), flush=True)
+    if args.tile:
+        tiled = work / f"index_{args.records}_x{args.tile}"
+        tile_index(work / f"index_{args.records}", tiled, args.tile)
+        for r in measure("index", str(tiled), args.procs):
+            print(json.dumps({"records": args.records * args.tile, "tiled": True, **r}), flush=True)
 
 
 if __name__ == "__main__":
