@@ -140,13 +140,20 @@ def iter_json_list(path: Path, block_chars: int = 1 << 20):
     text = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     with open(path, "rb") as f:
         buf, pos, eof = "", 0, False
+        escapes = False  # the buffer holds an escaped (non-UTF-8) byte: only then search entries
 
         def more() -> None:
-            nonlocal buf, pos, eof
+            nonlocal buf, pos, eof, escapes
             data = f.read(block_chars)
             eof = not data
-            buf = buf[pos:] + text.decode(data, final=eof)
+            new = text.decode(data, final=eof)
+            buf = buf[pos:] + new
             pos = 0
+            if not escapes and not new.isascii():
+                try:
+                    new.encode("utf-8")  # fails only on escape code points
+                except UnicodeEncodeError:
+                    escapes = True
 
         def skip_space() -> None:
             nonlocal pos
@@ -183,7 +190,7 @@ def iter_json_list(path: Path, block_chars: int = 1 << 20):
                     if eof or not truncated:
                         raise ConfigError(f"{path}: entry {index}: not valid JSON ({e.msg})") from None
                     more()
-            yield index, raw, _ESCAPED_BYTE.search(buf, pos, end) is not None
+            yield index, raw, escapes and _ESCAPED_BYTE.search(buf, pos, end) is not None
             pos, index = end, index + 1
             if pos > block_chars:
                 buf, pos = buf[pos:], 0
