@@ -54,12 +54,16 @@ class TablePlans:
         return len(self.rows)
 
 
-def _sizes(h: np.ndarray, w: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per row: target height and width (0 when skipped) and reason code (-1 kept) into the reasons list."""
+def _sizes(
+    h: np.ndarray, w: np.ndarray, cfg: DataConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(target size id per row (-1 when skipped), target (height, width) per id [ids, 2], reason code
+    per row (-1 kept) into the returned reasons list); plan_resolution runs once per distinct size."""
     key = (h.astype(np.int64) << 32) | w.astype(np.int64)
     unique, inverse = np.unique(key, return_inverse=True)
-    out_h = np.zeros(len(unique), np.int32)
-    out_w = np.zeros(len(unique), np.int32)
+    inverse = inverse.reshape(-1)
+    targets: dict[tuple[int, int], int] = {}
+    size_id = np.full(len(unique), -1, np.int32)
     code = np.full(len(unique), -1, np.int8)
     reasons: list[str] = []
     for k, packed in enumerate(unique.tolist()):
@@ -69,8 +73,9 @@ def _sizes(h: np.ndarray, w: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, n
                 reasons.append(size.reason)
             code[k] = reasons.index(size.reason)
         else:
-            out_h[k], out_w[k] = size
-    return out_h[inverse], out_w[inverse], code[inverse], reasons
+            size_id[k] = targets.setdefault(tuple(size), len(targets))
+    table = np.array(list(targets) or np.zeros((0, 2)), np.int64).reshape(-1, 2)
+    return size_id[inverse], table, code[inverse], reasons
 
 
 def _resampled_lengths(nf: np.ndarray, start: np.ndarray, interval: np.ndarray, target: int) -> np.ndarray:
@@ -112,7 +117,7 @@ def plan_table(table: SampleTable, cfg: DataConfig, geometry: SampleGeometry) ->
         del cropped
     else:
         h, w = c["height"][rows], c["width"][rows]
-    out_h, out_w, code, reasons = _sizes(h, w, cfg)
+    size_id, target_sizes, code, reasons = _sizes(h, w, cfg)
     del h, w
     for k, reason in enumerate(reasons):
         hit = code == k
@@ -165,13 +170,19 @@ def plan_table(table: SampleTable, cfg: DataConfig, geometry: SampleGeometry) ->
     del nf, fps, fps_raw, start, interval, length, window, too_long, low_fps, reach, short, dropped
 
     final = np.flatnonzero(sized)
-    key = (frames[final].astype(np.int64) << 40) | (out_h[final].astype(np.int64) << 20) | out_w[final]
-    unique, inverse = np.unique(key, return_inverse=True)
-    shapes = np.stack([unique >> 40, (unique >> 20) & 0xFFFFF, unique & 0xFFFFF], 1)
+    # bucket = (target size, frames): a dense code, counted without sorting
+    span = cfg.num_frames + 1
+    dense = size_id[final].astype(np.int64) * span + frames[final]
+    present = np.flatnonzero(np.bincount(dense, minlength=len(target_sizes) * span))
+    lookup = np.full(len(target_sizes) * span, -1, np.int32)
+    lookup[present] = np.arange(len(present), dtype=np.int32)
+    bucket_ids = lookup[dense]
+    del dense
+    shapes = np.column_stack([present % span, target_sizes[present // span]]).astype(np.int64)
     row_dtype = np.int32 if n < 2**31 else np.int64
     return TablePlans(
         rows=rows[final].astype(row_dtype),
-        bucket_ids=inverse.reshape(-1).astype(np.int32),
+        bucket_ids=bucket_ids,
         bucket_shapes=shapes,
         bucket_names=[f"{t}x{h}x{w}" for t, h, w in shapes.tolist()],
         skipped=Counter({k: v for k, v in skipped.items() if v}),
