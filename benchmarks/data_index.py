@@ -7,7 +7,8 @@
 2. builds the index with tools/build_index.py (2 workers, --no-check-files: the media do not exist);
 3. starts `--procs` processes together on the index, each: open -> sample plans -> epoch plan of the
    bucket sampler for DP=256, micro-batch 2, global batch 1024; reports seconds and private memory
-   (psutil USS: pages no other process shares) after start-up, and the peak RSS;
+   after start-up, with every process still alive: private memory (psutil USS: pages no other process
+   maps), anonymous memory (heap and arrays, from /proc/self/smaps_rollup) and the peak RSS;
 4. the same with the JSON path (read every annotation into Python objects, scalar rules, string
    bucket keys) at `--json-records`, and the index path at that size, side by side.
 Prints one JSON object per measurement and a summary table.
@@ -198,6 +199,7 @@ def _startup(kind: str, source: str, barrier, queue) -> None:
     )
     plan = sampler.plan(0)
     done = time.perf_counter()
+    barrier.wait()  # every process is done and alive: pages of the shared map count as shared
     info = psutil.Process().memory_full_info()
     queue.put(
         {
@@ -207,11 +209,22 @@ def _startup(kind: str, source: str, barrier, queue) -> None:
             "plans_s": round(opened - start, 2),
             "startup_s": round(done - start, 2),
             "private_mb": round(info.uss / 2**20, 1),
+            "anonymous_mb": round(_anonymous_kb() / 1024, 1),
             "private_after_imports_mb": round(imported_mb, 1),
             "rss_mb": round(info.rss / 2**20, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
     )
+    barrier.wait()  # stay mapped until every process has measured
+
+
+def _anonymous_kb() -> int:
+    """Anonymous memory of this process (heap and numpy arrays; not the page cache of mapped files)."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1])
+    return 0
 
 
 def measure(kind: str, source: str, procs: int) -> list[dict]:
@@ -285,6 +298,7 @@ def main() -> None:
     )
     p.add_argument("--workdir", default="/tmp/data_index_bench")
     p.add_argument("--workers", type=int, default=2, help="build processes")
+    p.add_argument("--skip-json", action="store_true", help="measure only the index path")
     p.add_argument("--procs", type=int, default=2, help="processes started together on one index")
     p.add_argument(
         "--tile", type=int, default=0,
@@ -311,7 +325,7 @@ def main() -> None:
         print(json.dumps({"records": n, **built}), flush=True)
         for r in measure("index", str(work / f"index_{n}"), args.procs):
             print(json.dumps({"records": n, **r}), flush=True)
-        if n == args.json_records:
+        if n == args.json_records and not args.skip_json:
             for r in measure("json", str(data_txt), args.procs):
                 print(json.dumps({"records": n, **r}), flush=True)
     if args.tile:

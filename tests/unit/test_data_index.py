@@ -286,3 +286,19 @@ def test_ranks_share_the_chunks_and_rank_0_finalises(tmp_path):
     assert results == {"r1": None} and manifest["rows"] == 600 and manifest["chunks"] > 2
     memory = table_from_data_list(data_txt, options)
     np.testing.assert_array_equal(open_index(out).columns["position"], memory.columns["position"])
+
+
+def test_vectorised_resampled_length_equals_numpy_arange_filtering():
+    from megatron_video.data.frames import frame_interval, resample_indices
+    from megatron_video.data.index.plans import _resampled_lengths
+
+    rng = np.random.default_rng(3)
+    fps = np.array([23.976, 24.0, 25.0, 29.97, 30.0, 50.0, 59.94, 60.0, 12.5, 7.0, 119.88, 14.985])
+    train = np.array([24.0, 25.0, 16.0, 8.0, 23.976, 30.0])
+    n, start = rng.integers(1, 3000, 30000), rng.integers(0, 10**6, 30000)
+    start[:10000] = rng.integers(0, 50, 10000)
+    interval = np.array(
+        [frame_interval(f, t) for f, t in zip(rng.choice(fps, 30000), rng.choice(train, 30000))]
+    )
+    expected = [len(resample_indices(int(s), int(k), float(i))) for s, k, i in zip(start, n, interval)]
+    np.testing.assert_array_equal(_resampled_lengths(n, start, interval), expected)

@@ -5,9 +5,8 @@ counts, sizes, skip counts and drop-short draws), as integer arrays:
 
 - sizes: `resolution.plan_resolution` runs once per distinct source (height, width) after crop;
 - frames: too-long, low-fps and the resampled length are computed per row in float64 with the
-  scalar code's operation order. The resampled length is ceil(n / interval), exactly numpy's
-  `arange` length; where the filter of `resample_indices` could change the outcome (lengths within
-  two frames of num_frames and below), the scalar function runs once per distinct (start, n, fps);
+  scalar code's operation order; the resampled length repeats numpy's `arange` arithmetic (length,
+  step, last values and the filter of `resample_indices`) on whole columns;
 - the drop-short draws come from one generator seeded with cfg.seed, one draw per short clip in row
   order, as the scalar loop draws them;
 - buckets are integer ids into `bucket_shapes` / `bucket_names`.
@@ -60,14 +59,17 @@ def _sizes(
     """(target size id per row (-1 when skipped), target (height, width) per id [ids, 2], reason code
     per row (-1 kept) into the returned reasons list); plan_resolution runs once per distinct size."""
     key = (h.astype(np.int64) << 32) | w.astype(np.int64)
+    if len(key) and h.max() < 2**15 and w.max() < 2**16 and min(h.min(), w.min()) >= 0:
+        key = ((h.astype(np.int64) << 16) | w).astype(np.int32)  # sorts faster; same order
     unique, inverse = np.unique(key, return_inverse=True)
     inverse = inverse.reshape(-1)
     targets: dict[tuple[int, int], int] = {}
     size_id = np.full(len(unique), -1, np.int32)
     code = np.full(len(unique), -1, np.int8)
     reasons: list[str] = []
+    shift = 16 if unique.dtype == np.int32 else 32
     for k, packed in enumerate(unique.tolist()):
-        size = plan_resolution(packed >> 32, packed & 0xFFFFFFFF, cfg)
+        size = plan_resolution(packed >> shift, packed & ((1 << shift) - 1), cfg)
         if isinstance(size, Skipped):
             if size.reason not in reasons:
                 reasons.append(size.reason)
@@ -78,19 +80,21 @@ def _sizes(
     return size_id[inverse], table, code[inverse], reasons
 
 
-def _resampled_lengths(nf: np.ndarray, start: np.ndarray, interval: np.ndarray, target: int) -> np.ndarray:
-    """len(resample_indices(start, n, interval)) where it can decide the plan; above target + 2 a
-    lower bound that is still above target."""
-    length = np.where(interval == 1.0, nf, np.ceil(nf / interval)).astype(np.int64)
-    exact = np.flatnonzero((interval != 1.0) & (length <= target + 2))
-    if len(exact):
-        triples = np.stack(
-            [start[exact].astype(np.float64), nf[exact].astype(np.float64), interval[exact]], 1
-        )
-        unique, inverse = np.unique(triples, axis=0, return_inverse=True)
-        lengths = np.array([len(resample_indices(int(s), int(n), float(i))) for s, n, i in unique], np.int64)
-        length[exact] = lengths[inverse.reshape(-1)]
-    return length
+def _resampled_lengths(nf: np.ndarray, start: np.ndarray, interval: np.ndarray) -> np.ndarray:
+    """len(resample_indices(start, n, interval)) per row, as numpy's arange computes it: length
+    ceil((stop - start) / step), values start + i x delta with delta = (start + step) - start, then
+    truncated to integers and filtered to < start + n (only a last value or two can fail the filter)."""
+    first = start.astype(np.float64)
+    length = np.ceil(((first + nf) - first) / interval).astype(np.int64)
+    delta = (first + interval) - first
+    stop = start + nf
+    dropped = np.zeros(len(length), np.int64)
+    for back in (1, 2, 3):  # the values are increasing: the filter drops a suffix
+        i = length - back
+        ok = i >= 1  # value 0 is start itself, always kept
+        value = first + np.where(ok, i, 0) * delta
+        dropped += ok & (value.astype(np.int64) >= stop)
+    return length - dropped
 
 
 def plan_table(table: SampleTable, cfg: DataConfig, geometry: SampleGeometry) -> TablePlans:
@@ -143,7 +147,7 @@ def plan_table(table: SampleTable, cfg: DataConfig, geometry: SampleGeometry) ->
     low_fps = ~too_long & (interval < 1.0) if cfg.drop_low_fps else np.zeros(len(vrows), np.bool_)
     reach = ~too_long & ~low_fps
     length = np.zeros(len(vrows), np.int64)
-    length[reach] = _resampled_lengths(nf[reach], start[reach], interval[reach], target)
+    length[reach] = _resampled_lengths(nf[reach], start[reach], interval[reach])
     short = reach & (length < target)
     draws = np.random.default_rng(cfg.seed).random(int(short.sum()))
     dropped = np.zeros(len(vrows), np.bool_)
