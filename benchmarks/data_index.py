@@ -6,7 +6,8 @@
    realistic length, mixed resolutions, frame counts, fps, some cuts and crops, 20 % images);
 2. builds the index with tools/build_index.py (2 workers, --no-check-files: the media do not exist);
 3. starts `--procs` processes together on the index, each: open -> sample plans -> epoch plan of the
-   bucket sampler for DP=256, micro-batch 2, global batch 1024; reports seconds and private memory
+   bucket sampler for DP=256, micro-batch 2, global batch 1024; reports wall and CPU seconds (CPU
+   seconds are what an unloaded machine's wall time would be, less page-fault waits) and memory
    after start-up, with every process still alive: private memory (psutil USS: pages no other process
    maps), anonymous memory (heap and arrays, from /proc/self/smaps_rollup) and the peak RSS;
 4. the same with the JSON path (read every annotation into Python objects, scalar rules, string
@@ -182,7 +183,7 @@ def _startup(kind: str, source: str, barrier, queue) -> None:
     cfg, geometry = _config()
     imported_mb = psutil.Process().memory_full_info().uss / 2**20
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if kind == "index":
         table = open_index(source)
         plans = plan_table(table, cfg, geometry)
@@ -198,7 +199,7 @@ def _startup(kind: str, source: str, barrier, queue) -> None:
         buckets, batch_size=2, dp_rank=0, dp_size=256, seed=cfg.seed, global_batch_size=1024
     )
     plan = sampler.plan(0)
-    done = time.perf_counter()
+    done, cpu_done = time.perf_counter(), time.process_time()
     barrier.wait()  # every process is done and alive: pages of the shared map count as shared
     info = psutil.Process().memory_full_info()
     queue.put(
@@ -208,6 +209,7 @@ def _startup(kind: str, source: str, barrier, queue) -> None:
             "micro_batches_per_rank": int(plan.batches.shape[0]),
             "plans_s": round(opened - start, 2),
             "startup_s": round(done - start, 2),
+            "startup_cpu_s": round(cpu_done - cpu_start, 2),
             "private_mb": round(info.uss / 2**20, 1),
             "anonymous_mb": round(_anonymous_kb() / 1024, 1),
             "private_after_imports_mb": round(imported_mb, 1),
