@@ -1,9 +1,11 @@
 """`VideoTextDataset`: annotated videos and images -> model-ready samples, bucketed by shape.
 
-At construction, from annotation metadata only (no media file is opened): the frame plan of every
-video (`frames.plan_video_frames`) and the target size (`resolution.plan_resolution`), hence each
-sample's bucket key "{frames}x{height}x{width}". Entries the rules leave out are counted by reason and
-logged.
+At construction, from annotation metadata only: the sample table (the memory-mapped index of
+`data.index`, or the same table built in memory from `data.data_list`, see data/index/), then the
+frame and resolution rules over its columns (`index.plans.plan_table`, equal to `plan_samples`, the
+entry-by-entry reference), hence each sample's bucket "{frames}x{height}x{width}" as an integer id.
+Entries the rules leave out are counted by reason (`build_counts`; the summary is
+`index.report.data_summary`).
 
 `dataset[i]` decodes the planned frames, applies the annotation crop and the resolution transform, and
 returns:

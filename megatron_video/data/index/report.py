@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from megatron_video.data.config import DataConfig
+from megatron_video.data.index.sources import FIX_REASONS, NOTE_REASONS, SKIP_REASONS
 
 RULE_OF: dict[str, str] = {
     "annotation_malformed": "fix the entries named in the skip report (the format is in data/annotations.py)",
@@ -107,15 +108,16 @@ def data_summary(dataset: Any, global_batch_size: int) -> tuple[str, dict[str, f
         k: v for k, v in counts.items() if v and (k.startswith("skipped_") or k == "dropped_small_buckets")
     }
     left_out.update(
-        {
-            k: v
-            for k, v in counts.items()
-            if v and k.startswith("annotation_") and k[11:] not in ("entries", "kept")
-        }
+        {f"annotation_{r}": counts[f"annotation_{r}"] for r in SKIP_REASONS if counts[f"annotation_{r}"]}
     )
+    if left_out:
+        lines.append("  left out:")
     for key, value in sorted(left_out.items(), key=lambda kv: -kv[1]):
         rule = _rule(key)
-        lines.append(f"  {key}: {value}" + (f" ({rule})" if rule else ""))
+        lines.append(f"    {key}: {value}" + (f" ({rule})" if rule else ""))
+    kept = {r: counts[f"annotation_{r}"] for r in FIX_REASONS + NOTE_REASONS if counts[f"annotation_{r}"]}
+    if kept:
+        lines.append("  kept, fixed or noted: " + ", ".join(f"{k}: {v}" for k, v in kept.items()))
     if counts.get("fps_defaulted"):
         lines.append(f"  fps_defaulted: {counts['fps_defaulted']} ({_rule('fps_defaulted')})")
     examples = table.skip_report(5)
