@@ -82,7 +82,11 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.training.seed)  # vae.checkpoint=null (tests): the same random VAE on every rank
     vae = build_vae(cfg.vae, device)
     text = build_text_encoder(cfg, device)
-    stats = build_feature_cache(cfg, features, vae, text, rank=rank, world_size=world, progress=print)
+    try:
+        stats = build_feature_cache(cfg, features, vae, text, rank=rank, world_size=world, progress=print)
+    except ConfigError as e:  # the data side: data list, index, rules that leave no sample
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
     print(
         f"rank {rank}: encoded {stats.encoded}, failed {stats.failed}, done earlier {stats.skipped}, "
         f"{stats.shards} shards in {stats.seconds:.1f} s",

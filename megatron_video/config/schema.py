@@ -229,7 +229,7 @@ class ExperimentConfig:
                 "cannot checkpoint a model that keeps norms and AdaLN in fp32); set "
                 "training.optimizer.distributed_optimizer=true"
             )
-        if self.data.data_list is not None:
+        if self.data.has_source:
             self.data.validate(self.sample_geometry)
             if self.parallel.context_parallel > 1 and self.data.media != "videos":
                 raise ConfigError(
@@ -322,7 +322,7 @@ class ExperimentConfig:
     def _validate_dit(self, m: OpenSoraDiTConfig) -> None:
         """What the v1.2 / v1.3 DiT needs of the VAE, the shape and the layout."""
         latent_channels = self.vae.latent_channels
-        if self.data.data_list is not None and m.in_channels != latent_channels:  # a stage that encodes
+        if self.data.has_source and m.in_channels != latent_channels:  # a stage that encodes
             raise ConfigError(
                 f"model.in_channels={m.in_channels} but vae ({self.vae.kind} {self.vae.flavor}) gives "
                 f"{latent_channels} latent channels; set model.in_channels and model.out_channels to "
@@ -343,11 +343,7 @@ class ExperimentConfig:
                     f"{self.shape.height}x{self.shape.width}) has {tokens} tokens; lower model.sparse_n to at "
                     f"most {int(tokens**0.5)} or train larger samples"
                 )
-        if (
-            self.features.cache_dir is None
-            and self.data.data_list is not None
-            and self.text.pooled is not None
-        ):
+        if self.features.cache_dir is None and self.data.has_source and self.text.pooled is not None:
             raise ConfigError(
                 "model.family=opensora_dit reads only token states (no pooled text); remove text.pooled"
             )
@@ -396,7 +392,7 @@ def build_config(
 def derive_shape(cfg: ExperimentConfig) -> None:
     """Set `shape` (the largest sample, used by validation and the FLOP count) from the data rules
     and the text encoder, when the config has a data list and sets no `shape` of its own."""
-    if cfg.data.data_list is None:
+    if not cfg.data.has_source:
         return
     cfg.shape = ShapeConfig(
         num_frames=cfg.data.num_frames,

@@ -12,4 +12,6 @@ text.py         captions: choice, cleanup, aesthetic notice, CFG dropout, tokeni
 i2v_masks.py    image-to-video masks, masked video, latent-grid mask, condition noise
 batches.py      TrainBatch, BatchSource, keyed generators, EncodedBatches (encoders in the step)
 feature_cache   latent / text-feature cache: format, build, read
+index           the memory-mapped columnar sample index (tools/build_index.py) and the vectorised
+                frame / resolution rules every dataset plans with; see docs/data_index.md
 """

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class AnnotationReport:
     """Counts of what was read and skipped, and the first problems in words."""
 
     counts: Counter = field(default_factory=Counter)
-    """Keys: `entries` (read), `kept`, `malformed`, `missing_file`."""
+    """Keys: `entries` (read), `kept`, `malformed`, `bad_text`, `not_utf8`, `missing_file`."""
 
     problems: list[str] = field(default_factory=list)
     """`location: message` of the first malformed or missing entries."""
@@ -98,6 +99,29 @@ class AnnotationReport:
 class EntryError(ValueError):
     """An annotation entry that does not follow the format; the message says which field."""
 
+    reason = "malformed"
+    """The key it is counted under."""
+
+
+class BadTextError(EntryError):
+    """A path or caption holding a lone surrogate code point: not text any tokenizer or file system
+    accepts (it would fail at the first batch), so the entry is rejected, not repaired."""
+
+    reason = "bad_text"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, name: str) -> None:
+    """Raise BadTextError when `value` holds a lone surrogate (e.g. from a JSON escape "\\ud83d")."""
+    found = None if value.isascii() else _SURROGATE.search(value)
+    if found is not None:
+        raise BadTextError(
+            f"{name} holds the lone surrogate U+{ord(found.group()):04X} at character {found.start()} "
+            "(half of a UTF-16 pair, not valid text); fix the annotation"
+        )
+
 
 def read_data_list(data_txt: str | os.PathLike) -> list[tuple[Path, Path]]:
     """(media root, annotation file) pairs of a data.txt, relative paths resolved against its folder."""
@@ -106,7 +130,7 @@ def read_data_list(data_txt: str | os.PathLike) -> list[tuple[Path, Path]]:
         raise ConfigError(f"data list {data_txt} does not exist (data.data_list)")
     base = data_txt.resolve().parent
     pairs = []
-    for lineno, line in enumerate(data_txt.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(data_txt.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -126,20 +150,28 @@ def iter_raw_entries(annotation: str | os.PathLike, report: AnnotationReport):
     """Yield (location, raw entry) from a .json list or a .jsonl file; bad JSONL lines are reported."""
     annotation = Path(annotation)
     if annotation.suffix == ".jsonl":
-        with open(annotation) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(annotation, "rb") as f:
+            for lineno, raw_line in enumerate(f, start=1):
+                if not raw_line.strip():
                     continue
                 location = f"{annotation}:{lineno}"
                 try:
-                    yield location, json.loads(line)
+                    yield location, json.loads(raw_line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    report.counts["entries"] += 1
+                    report.add_problem("not_utf8", location, not_utf8_message(raw_line, e))
                 except json.JSONDecodeError as e:
                     report.counts["entries"] += 1
                     report.add_problem("malformed", location, f"not valid JSON ({e.msg} at column {e.colno})")
     elif annotation.suffix == ".json":
         try:
-            with open(annotation) as f:
+            with open(annotation, encoding="utf-8") as f:
                 data = json.load(f)
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{annotation}: byte {e.start} (0x{e.object[e.start]:02x}) is not valid UTF-8; annotation "
+                "files must be UTF-8"
+            ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{annotation}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
         if not isinstance(data, list):
@@ -148,6 +180,14 @@ def iter_raw_entries(annotation: str | os.PathLike, report: AnnotationReport):
             yield f"{annotation}:{index}", raw
     else:
         raise ConfigError(f"{annotation}: annotation files must end in .json or .jsonl")
+
+
+def not_utf8_message(line: bytes, error: UnicodeDecodeError) -> str:
+    """Words for a line that is not UTF-8: the byte and its column."""
+    return (
+        f"byte 0x{line[error.start]:02x} at column {error.start + 1} is not valid UTF-8 "
+        "(annotation files must be UTF-8)"
+    )
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -171,7 +211,7 @@ def parse_entry(raw: Any, root: str | os.PathLike, location: str = "") -> Entry:
     path = raw.get("path")
     if not isinstance(path, str) or not path:
         raise EntryError(f"'path' must be a non-empty string, got {path!r}")
-    suffix = Path(path).suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix not in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS:
         raise EntryError(
             f"'path' {path!r}: unknown extension; videos {VIDEO_EXTENSIONS}, images {IMAGE_EXTENSIONS}"
@@ -181,6 +221,9 @@ def parse_entry(raw: Any, root: str | os.PathLike, location: str = "") -> Entry:
     captions = [cap] if isinstance(cap, str) else cap
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise EntryError(f"'cap' must be a string or a non-empty list of strings, got {cap!r}")
+    check_text(path, "'path'")
+    for i, caption in enumerate(captions):
+        check_text(caption, f"'cap'[{i}]")
     resolution = raw.get("resolution")
     if not isinstance(resolution, dict):
         raise EntryError(f"'resolution' must be an object with height and width, got {resolution!r}")
@@ -243,7 +286,7 @@ def load_annotations(
             try:
                 entry = parse_entry(raw, root, location)
             except EntryError as e:
-                report.add_problem("malformed", location, str(e))
+                report.add_problem(e.reason, location, str(e))
                 continue
             if check_files_exist and not os.path.isfile(entry.path):
                 report.add_problem("missing_file", location, f"media file {entry.path} does not exist")

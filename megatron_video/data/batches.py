@@ -19,6 +19,8 @@ sample's data-side draws, `step_generators` for the objective's sigma and noise)
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +59,45 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class BatchStats:
+    """What a batch source observed since the last `take()`: samples that failed to load and were
+    replaced (reported by the DataLoader workers through the batches), seconds waiting for loaded
+    batches, and seconds in the frozen encoders."""
+
+    def __init__(self):
+        self.values: Counter = Counter()
+
+    def loaded(self, raw: dict, wait_s: float) -> None:
+        self.values["load_failures"] += len(raw.get("load_failures") or [])
+        self.values["data_wait_s"] += wait_s
+
+    def encoded(self, seconds: float) -> None:
+        self.values["encode_s"] += seconds
+
+    def take(self) -> dict[str, float]:
+        values, self.values = dict(self.values), Counter()
+        return values
+
+
+def check_replica_indices(indices: Sequence[int], group, failures: Sequence[str] = ()) -> None:
+    """Raise when the ranks of `group` (the TP x CP ranks of one replica, which must train on the same
+    micro-batch) loaded different dataset indices: a load that failed on some ranks only (a time-out,
+    a flaky file system) made them pick different replacements."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    mine = torch.tensor([len(indices), *indices], dtype=torch.int64)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if any(not torch.equal(g, mine) for g in gathered):
+        ranks = dist.get_process_group_ranks(group)
+        seen = "; ".join(f"rank {r}: {g[1:].tolist()}" for r, g in zip(ranks, gathered))
+        raise RuntimeError(
+            "ranks of one model replica (tensor / context parallel) loaded different samples for the same "
+            f"micro-batch ({seen}). A file failed to load on some of them only (time-out or flaky storage); "
+            "this rank's failures: " + (" | ".join(failures) or "none")
+        )
 
 
 CAPTION_DRAWS, POSTERIOR_NOISE, I2V_MASK_DRAWS, CONDITION_NOISE, MASKED_POSTERIOR = 1, 2, 3, 4, 5
@@ -121,8 +162,13 @@ class EncodedBatches:
         consumed_samples: int = 0,
         device: torch.device | str = "cpu",
         encoder_group=None,
+        replica_group=None,
     ):
+        """encoder_group: TP x CP ranks sharing the encoding (encoder data parallel); replica_group:
+        the TP x CP ranks of this replica, which check they loaded the same samples (None: no check)."""
         self.cfg, self.dataset, self.vae, self.text = cfg, dataset, vae, text_encoder
+        self.replica_group = replica_group
+        self.stats = BatchStats()
         self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
         self.captions = CaptionProcessor.from_encoders(cfg.captions, cfg.text)
         self.masker = I2VMasker(cfg.i2v) if task == "i2v" else None
@@ -161,9 +207,15 @@ class EncodedBatches:
     def next_batch(self) -> TrainBatch:
         """The replica's next micro-batch, encoded."""
         if self.encoder_size == 1:
+            start = time.perf_counter()
             raw = self._loader.next()
+            self.stats.loaded(raw, time.perf_counter() - start)
+            check_replica_indices(raw["index"].tolist(), self.replica_group, raw.get("load_failures") or ())
             self.consumed_samples = self._loader.consumed_samples
-            return self._encode_batch(raw, self._loader.epoch or 0)
+            start = time.perf_counter()
+            batch = self._encode_batch(raw, self._loader.epoch or 0)
+            self.stats.encoded(time.perf_counter() - start)
+            return batch
         if not self._ready:
             self._fill_with_encoder_data_parallel()
         self.consumed_samples += self.dataset.geometry.micro_batch_size * self.dp_size
@@ -175,7 +227,7 @@ class EncodedBatches:
         """(dataset indices, epoch) of the replica's next micro-batch, read ahead of consumption."""
         if self._index_iter is None:
             sampler = MegabatchBucketSampler(
-                self.dataset.bucket_keys,
+                getattr(self.dataset, "buckets", None) or self.dataset.bucket_keys,
                 batch_size=self.dataset.geometry.micro_batch_size,
                 dp_rank=self.dp_rank,
                 dp_size=self.dp_size,
@@ -203,10 +255,14 @@ class EncodedBatches:
         indices, epoch = slots[me]
         self.dataset.set_epoch(epoch)
         geometry = self.dataset.geometry
+        start = time.perf_counter()
         raw = collate_samples(
             [self.dataset[i] for i in indices], geometry.vae_stride_t, geometry.vae_stride_hw
         )
+        self.stats.loaded(raw, time.perf_counter() - start)
+        start = time.perf_counter()
         mine = _to_device(self._encode_batch(raw, epoch), torch.device("cpu"))
+        self.stats.encoded(time.perf_counter() - start)
         ranks = dist.get_process_group_ranks(group)
         for src in range(g):
             box = [mine if src == me else None]
@@ -296,6 +352,8 @@ def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
 
 __all__ = [
     "BatchSource",
+    "BatchStats",
+    "check_replica_indices",
     "EncodedBatches",
     "TrainBatch",
     "posterior_latents",

@@ -74,6 +74,16 @@ class DataConfig:
     """Path of `data.txt`: one `<media root>,<annotation file>` per line. Relative paths on a line are
     read relative to the folder of `data.txt`. Required to build a dataset (not to validate)."""
 
+    index: str | None = None
+    """Folder of a sample index built by `tools/build_index.py` from a data list (the way to train on a
+    real corpus: read once, memory-mapped by every rank). An alternative to `data_list`: set one."""
+
+    probe_media: Literal["none", "missing", "all"] = "missing"
+    """When `data_list` is read at start: "missing" opens the videos whose annotation lacks fps or
+    num_frames to read them from the file (and corrects a resolution that contradicts it); "all"
+    opens every media file (skipping unreadable ones); "none" opens none (a video without fps then
+    uses `default_fps`, counted and warned about). A built index was probed when it was built."""
+
     media: Literal["all", "videos", "images"] = "all"
     """Which entries a stage trains on: v1.5's image stages use images, its video stages videos only.
     Context-parallel stages need videos (an image has one latent frame, which cannot be split)."""
@@ -104,7 +114,8 @@ class DataConfig:
     """Frame rate the model trains at; clips are resampled by an index interval of fps / train_fps."""
 
     default_fps: float = 24.0
-    """Frame rate assumed for an annotation entry that has no `fps` (the reference's default)."""
+    """Frame rate assumed for an annotation entry that has no `fps` and whose file was not probed (the
+    reference's default); such entries are counted and warned about at start."""
 
     drop_low_fps: bool = True
     """Skip clips whose fps is below `train_fps` (interval < 1), as v1.5 does. False keeps them, as
@@ -194,10 +205,22 @@ class DataConfig:
         """Whether validation samples are configured (a held-out fraction or a separate list)."""
         return self.validation_fraction > 0 or bool(self.validation_data_list)
 
+    @property
+    def has_source(self) -> bool:
+        """A data list or a sample index is set (the stage reads media)."""
+        return self.data_list is not None or self.index is not None
+
     def validate(self, geometry: SampleGeometry) -> None:
         """Raise ConfigError naming the field and the fix; reads no file. `geometry` is what the VAE,
         the context-parallel size and the micro-batch impose on samples."""
         geometry.validate()
+        if self.data_list is not None and self.index is not None:
+            raise ConfigError(
+                "data.data_list and data.index are both set; set one (data.index is a folder built from a data "
+                "list by tools/build_index.py)"
+            )
+        if self.probe_media not in ("none", "missing", "all"):
+            raise ConfigError(f"data.probe_media must be one of none, missing, all; got {self.probe_media!r}")
         for name in ("num_frames", "min_num_frames", "max_height", "max_width", "hw_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -212,6 +235,11 @@ class DataConfig:
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(
                 f"data.validation_fraction must be in [0, 1) (0 holds out nothing), got {self.validation_fraction}"
+            )
+        if self.validation_fraction > 0 and self.index is not None:
+            raise ConfigError(
+                "data.validation_fraction holds out entries of data.data_list; a stage reading data.index "
+                "takes its validation samples from data.validation_data_list"
             )
         if self.validation_fraction > 0 and self.validation_data_list:
             raise ConfigError(

@@ -1,9 +1,11 @@
 """`VideoTextDataset`: annotated videos and images -> model-ready samples, bucketed by shape.
 
-At construction, from annotation metadata only (no media file is opened): the frame plan of every
-video (`frames.plan_video_frames`) and the target size (`resolution.plan_resolution`), hence each
-sample's bucket key "{frames}x{height}x{width}". Entries the rules leave out are counted by reason and
-logged.
+At construction, from annotation metadata only: the sample table (the memory-mapped index of
+`data.index`, or the same table built in memory from `data.data_list`, see data/index/), then the
+frame and resolution rules over its columns (`index.plans.plan_table`, equal to `plan_samples`, the
+entry-by-entry reference), hence each sample's bucket "{frames}x{height}x{width}" as an integer id.
+Entries the rules leave out are counted by reason (`build_counts`; the summary is
+`index.report.data_summary`).
 
 `dataset[i]` decodes the planned frames, applies the annotation crop and the resolution transform, and
 returns:
@@ -39,12 +41,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megatron_video.data.annotations import Entry, load_annotations
+from megatron_video.data.annotations import Entry
 from megatron_video.data.collate import VideoCollate
 from megatron_video.data.config import DataConfig, SampleGeometry
 from megatron_video.data.frames import FramePlan, Skipped, plan_video_frames
+from megatron_video.data.index.build import table_from_data_list, table_from_entries
+from megatron_video.data.index.plans import frame_plan, plan_table
+from megatron_video.data.index.read import SampleTable, open_index
+from megatron_video.data.index.report import all_failed_hint, no_sample_message
+from megatron_video.data.index.sources import BuildOptions
 from megatron_video.data.resolution import plan_resolution, to_model_input
-from megatron_video.data.sampler import MegabatchBucketSampler
+from megatron_video.data.sampler import BucketIds, MegabatchBucketSampler
 from megatron_video.data.video_io import DecodeTimeout, read_image, read_video_frames
 from megatron_video.errors import ConfigError
 
@@ -105,6 +112,36 @@ class SamplePlan:
         return bucket_key(self.num_frames, self.height, self.width)
 
 
+class PlanView(Sequence):
+    """`dataset.plans[i]`: the SamplePlan of sample i, built when asked (reads the row's strings)."""
+
+    def __init__(self, dataset: VideoTextDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.dataset.plan(index)
+
+
+class BucketKeys(Sequence):
+    """`dataset.bucket_keys[i]`: the shape key of sample i, from the integer bucket ids."""
+
+    def __init__(self, ids: np.ndarray, names: list[str]):
+        self.ids, self.names = ids, names
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.names[b] for b in self.ids[index].tolist()]
+        return self.names[int(self.ids[index])]
+
+
 def plan_samples(
     entries: Sequence[Entry], cfg: DataConfig, geometry: SampleGeometry
 ) -> tuple[list[SamplePlan], Counter]:
@@ -140,53 +177,87 @@ def plan_samples(
 class VideoTextDataset(Dataset):
     """Map-style dataset of annotated videos and images; see the module docstring for a sample."""
 
-    def __init__(self, cfg: DataConfig, geometry: SampleGeometry, entries: Sequence[Entry] | None = None):
-        """Read `cfg.data_list` (unless `entries` are given) and plan every sample for `geometry` (VAE
-        strides, context-parallel size and micro-batch, from `ExperimentConfig.sample_geometry`)."""
+    def __init__(
+        self,
+        cfg: DataConfig,
+        geometry: SampleGeometry,
+        entries: Sequence[Entry] | None = None,
+        table: SampleTable | None = None,
+    ):
+        """Open `cfg.index`, or read `cfg.data_list` (unless `entries` or a `table` are given), and plan
+        every sample for `geometry` (VAE strides, context-parallel size and micro-batch, from
+        `ExperimentConfig.sample_geometry`)."""
         cfg.validate(geometry)
         self.cfg, self.geometry = cfg, geometry
-        self.build_counts: Counter = Counter()
-        if entries is None:
-            if not cfg.data_list:
-                raise ConfigError("data.data_list is not set; point it at a data.txt")
-            entries, report = load_annotations(cfg.data_list, check_files_exist=cfg.check_files_exist)
-            self.build_counts.update({f"annotation_{k}": v for k, v in report.counts.items()})
-        self.plans, skipped = plan_samples(entries, cfg, geometry)
-        self.build_counts.update({f"skipped_{k}": v for k, v in skipped.items()})
-        self.build_counts["samples"] = len(self.plans)
-        if not self.plans:
-            raise ConfigError(
-                f"no sample passes the data rules ({dict(self.build_counts)}); check data.num_frames, "
-                "min_num_frames, the resolution limits and the aspect range"
-            )
-        self.bucket_keys: list[str] = [p.bucket for p in self.plans]
-        self.bucket_members = bucket_members(self.bucket_keys)
+        if table is None:
+            if entries is not None:
+                table = table_from_entries(list(entries))
+            elif cfg.index:
+                table = open_index(cfg.index)
+            elif cfg.data_list:
+                options = BuildOptions(check_files=cfg.check_files_exist, probe=cfg.probe_media)
+                table = table_from_data_list(cfg.data_list, options)
+            else:
+                raise ConfigError("neither data.data_list nor data.index is set; point one at your data")
+        self.table = table
+        self.build_counts: Counter = Counter({f"annotation_{k}": v for k, v in table.counts.items()})
+        self.sample_plans = plan_table(table, cfg, geometry)
+        self.build_counts.update({f"skipped_{k}": v for k, v in self.sample_plans.skipped.items()})
+        self.build_counts["samples"] = len(self.sample_plans)
+        if self.sample_plans.fps_defaulted:
+            self.build_counts["fps_defaulted"] = self.sample_plans.fps_defaulted
+        if not len(self.sample_plans):
+            raise ConfigError(no_sample_message(self.build_counts))
+        self.buckets = BucketIds(self.sample_plans.bucket_ids, self.sample_plans.bucket_names)
+        self.bucket_keys = BucketKeys(self.buckets.ids, self.buckets.names)
+        self.plans = PlanView(self)
+        self._members: dict[int, np.ndarray] = {}
         self.epoch = 0
         self.failure_counts: Counter = Counter()
         self._known_bad: set[int] = set()
         # seconds after which a load stuck inside one decoder call is abandoned
         self.watchdog_timeout_s = cfg.decode_timeout_s + HARD_TIMEOUT_GRACE_S
         logger.info(
-            "dataset: %d samples in %d buckets; build counts %s; largest buckets %s",
-            len(self.plans),
-            len(self.bucket_members),
+            "dataset: %d samples in %d buckets; build counts %s",
+            len(self.sample_plans),
+            len(self.buckets.names),
             dict(self.build_counts),
-            Counter(self.bucket_keys).most_common(8),
         )
 
+    def plan(self, index: int) -> SamplePlan:
+        """The SamplePlan of sample `index` (reads its row's path and captions)."""
+        p = self.sample_plans
+        row = int(p.rows[index])
+        frames, height, width = (int(v) for v in p.bucket_shapes[p.bucket_ids[index]])
+        entry = self.table.entry(row)
+        frame = None if entry.is_image else frame_plan(self.table, row, self.cfg, frames)
+        return SamplePlan(entry=entry, frames=frame, height=height, width=width)
+
+    def bucket_members(self, index: int) -> np.ndarray:
+        """Dataset indices of the bucket of sample `index`, in index order (cached per bucket)."""
+        b = int(self.buckets.ids[index])
+        if b not in self._members:
+            self._members[b] = np.flatnonzero(self.buckets.ids == b)
+        return self._members[b]
+
     def __len__(self) -> int:
-        return len(self.plans)
+        return len(self.sample_plans)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose temporal crops and replacements `__getitem__` draws."""
         self.epoch = epoch
 
+    def path(self, index: int) -> str:
+        """Media path of sample `index`."""
+        return self.table.path(int(self.sample_plans.rows[index]))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         failures: list[str] = []
         bucket = self.bucket_keys[index]
         tries = 0
-        for current in replacement_order(self.cfg.seed, self.epoch, int(index), self.bucket_members[bucket]):
-            path = self.plans[current].entry.path
+        for current in replacement_order(self.cfg.seed, self.epoch, int(index), self.bucket_members(index)):
+            current = int(current)
+            path = self.path(current)
             if current in self._known_bad:
                 if current == index:
                     failures.append(f"{path}: failed earlier in this process")
@@ -212,7 +283,8 @@ class VideoTextDataset(Dataset):
             return sample
         raise RuntimeError(
             f"could not load a sample of bucket {bucket} for index {index}: {tries} files failed "
-            f"({len(self._known_bad)} known-bad files in this process); last: " + " | ".join(failures[-3:])
+            f"({len(self._known_bad)} known-bad files in this process). "
+            + all_failed_hint(failures, self.cfg)
         )
 
     def load(self, index: int) -> dict[str, Any]:
@@ -256,9 +328,7 @@ class VideoTextDataset(Dataset):
         thread.start()
         thread.join(self.watchdog_timeout_s)
         if thread.is_alive():
-            raise DecodeTimeout(
-                f"{self.plans[index].entry.path}: loading took over {self.watchdog_timeout_s:.1f} s"
-            )
+            raise DecodeTimeout(f"{self.path(index)}: loading took over {self.watchdog_timeout_s:.1f} s")
         if "error" in result:
             raise result["error"]
         return result["sample"]
@@ -281,7 +351,7 @@ def build_dataloader(
     """
     cfg, geometry = dataset.cfg, dataset.geometry
     sampler = MegabatchBucketSampler(
-        dataset.bucket_keys,
+        getattr(dataset, "buckets", None) or dataset.bucket_keys,  # integer ids when the dataset has them
         batch_size=geometry.micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,

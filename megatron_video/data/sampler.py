@@ -37,6 +37,23 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BucketIds:
+    """The bucket of every dataset index as integer ids into `names` (shape keys, e.g. "33x256x256")."""
+
+    ids: np.ndarray
+    """Integer array [dataset size]; equal ids, equal shapes."""
+
+    names: list[str]
+    """Shape key of each id (distinct)."""
+
+    @classmethod
+    def from_keys(cls, keys: Sequence[str]) -> BucketIds:
+        code_of: dict[str, int] = {}
+        ids = np.fromiter((code_of.setdefault(k, len(code_of)) for k in keys), np.int32, count=len(keys))
+        return cls(ids, list(code_of))
+
+
+@dataclass(frozen=True)
 class EpochPlan:
     """All micro-batches of one epoch for every data-parallel rank, and how many slots repeat."""
 
@@ -53,7 +70,8 @@ class EpochPlan:
 class MegabatchBucketSampler:
     """Batch sampler yielding this data-parallel rank's micro-batches (lists of dataset indices).
 
-    bucket_keys: one shape key per dataset index (e.g. "33x256x256"); equal keys = equal shapes.
+    bucket_keys: one shape key per dataset index (e.g. "33x256x256"; equal keys = equal shapes), or
+    the same as integer ids (`BucketIds`, what a sample index's plans give).
     batch_size: micro-batch per rank. dp_rank / dp_size: data-parallel coordinates (never read from
     global state). global_batch_size: the threshold's unit (default batch_size x dp_size; pass the
     trainer's global batch when it accumulates gradients). consumed_samples: samples all ranks
@@ -62,7 +80,7 @@ class MegabatchBucketSampler:
 
     def __init__(
         self,
-        bucket_keys: Sequence[str],
+        bucket_keys: Sequence[str] | BucketIds,
         *,
         batch_size: int,
         dp_rank: int,
@@ -80,27 +98,33 @@ class MegabatchBucketSampler:
         self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
         self.seed, self.group_data = seed, group_data
         self.megabatch_size = batch_size * dp_size
-        self.keys = list(bucket_keys)
-        counts = Counter(self.keys)
+        buckets = bucket_keys if isinstance(bucket_keys, BucketIds) else BucketIds.from_keys(bucket_keys)
+        self.codes, self.names = buckets.ids, buckets.names  # equal ids, equal shapes
+        counts = np.bincount(self.codes, minlength=len(self.names))
         min_count = math.ceil(drop_threshold * (global_batch_size or self.megabatch_size))
-        dropped = {k: c for k, c in counts.items() if c < min_count}
-        self.indices = np.array([i for i, k in enumerate(self.keys) if k not in dropped], dtype=np.int64)
-        self.bucket_counts = {k: c for k, c in counts.items() if k not in dropped}
-        code_of = {k: i for i, k in enumerate(counts)}  # bucket id per dataset index: equal ids, equal shapes
-        self.codes = np.array([code_of[k] for k in self.keys], dtype=np.int64)
+        kept_bucket = counts >= min_count
+        dropped = {self.names[b]: int(counts[b]) for b in np.flatnonzero(~kept_bucket & (counts > 0))}
+        self.dropped_samples = sum(dropped.values())
+        self.indices = np.flatnonzero(kept_bucket[self.codes])
+        self.bucket_counts = {
+            self.names[b]: int(counts[b]) for b in np.flatnonzero(kept_bucket & (counts > 0))
+        }
         if dropped:
             logger.info(
                 "sampler: dropped %d samples in %d buckets with fewer than %d samples (%s x global batch): %s",
-                sum(dropped.values()),
+                self.dropped_samples,
                 len(dropped),
                 min_count,
                 drop_threshold,
                 dict(sorted(dropped.items(), key=lambda kv: -kv[1])[:10]),
             )
         if len(self.indices) == 0:
+            largest = sorted(((int(counts[b]), self.names[b]) for b in np.flatnonzero(counts)), reverse=True)[
+                :10
+            ]
             raise ValueError(
                 f"no bucket has {min_count} samples (drop_threshold {drop_threshold} x global batch); "
-                f"bucket sizes: {dict(counts.most_common(10))}. Lower data.bucket_drop_threshold or the batch size"
+                f"bucket sizes: {dict((k, c) for c, k in largest)}. Lower data.bucket_drop_threshold or the batch size"
             )
         self.num_megabatches = math.ceil(len(self.indices) / self.megabatch_size)
         self.samples_per_epoch = self.num_megabatches * self.megabatch_size
@@ -175,14 +199,21 @@ class MegabatchBucketSampler:
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         if not self.group_data:
             return self.indices[rng.permutation(len(self.indices))]
-        by_key: dict[str, list[int]] = {}
-        for i in self.indices.tolist():
-            by_key.setdefault(self.keys[i], []).append(i)
-        parts = []
-        for key in sorted(by_key, key=lambda k: (-len(by_key[k]), k)):
-            members = np.array(by_key[key], dtype=np.int64)
-            parts.append(members[rng.permutation(len(members))])
-        return np.concatenate(parts)
+        codes = self.codes[self.indices]
+        counts = np.bincount(codes, minlength=len(self.names))
+        present = np.flatnonzero(counts)
+        ranked = sorted(present.tolist(), key=lambda b: (-int(counts[b]), self.names[b]))
+        rank = np.empty(len(self.names), np.int64)
+        rank[ranked] = np.arange(len(ranked))
+        # members of each bucket in index order, buckets from most to least frequent (ties by key)
+        order = self.indices[np.argsort(rank[codes], kind="stable")]
+        del codes
+        start = 0
+        for b in ranked:
+            end = start + int(counts[b])
+            order[start:end] = order[start:end][rng.permutation(end - start)]
+            start = end
+        return order
 
     def _one_shape(self, batch: np.ndarray, rng: np.random.Generator) -> int:
         """Replace (in place) the items whose shape is not the batch's majority; returns how many."""

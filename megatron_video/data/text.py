@@ -124,13 +124,18 @@ _ESCAPED_NEWLINE = re.compile(r"\\[nrt]")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _WHITESPACE = re.compile(r"\s+")
+_WORD = re.compile(r"[^\W_]")
 
 
 def clean_caption(
     text: str, *, lowercase: bool = True, keep_cjk: bool = False, fix_unicode: bool = False
 ) -> str:
     """Caption with HTML entities decoded, HTML tags, URLs and @handles removed, dash and quote
-    variants unified, escaped newlines turned into spaces, and whitespace collapsed."""
+    variants unified, escaped newlines turned into spaces, and whitespace collapsed.
+
+    Without `keep_cjk` CJK ideographs are removed, except from a caption that holds nothing else:
+    removing them would leave an empty caption (the unconditional one). Such captions are counted
+    when the annotations are read (`cjk_only_caption`)."""
     if fix_unicode:
         text = _ftfy_fix(text)
     text = html.unescape(html.unescape(text))
@@ -142,7 +147,8 @@ def clean_caption(
     text = _DOUBLE_QUOTES.sub('"', text)
     text = _SINGLE_QUOTES.sub("'", text)
     if not keep_cjk:
-        text = _CJK.sub(" ", text)
+        without = _CJK.sub(" ", text)
+        text = without if _WORD.search(without) else text
     if lowercase:
         text = text.lower()
     text = _WHITESPACE.sub(" ", text)

@@ -1,8 +1,10 @@
 """Reading and writing media with PyAV (its wheel bundles FFmpeg with libx264) and Pillow.
 
 * `read_video_frames(path, indices)` decodes only up to the last index asked for, converting only the
-  frames asked for; when the first index is far into the file it seeks to the keyframe before it and
-  counts frames from their timestamps. Frame i is the i-th frame in presentation order.
+  frames asked for; when the first index is far into the file it seeks to the keyframe before it,
+  numbering frames from the packets' timestamps. Frame i is the i-th frame the decoder outputs
+  (presentation order) either way, so a file with a gap in its timestamps decodes the same frames
+  whether or not the read seeks.
 * `iter_video_frames(path)` streams every frame (for tools that re-encode whole videos).
 * `probe_video(path)` reads the stream's frame rate; when the container does not state one it
   reports `FALLBACK_FPS` (30, as the reference's decord reader does) with `fps_known=False`.
@@ -191,22 +193,43 @@ def _decode_from_start(path, wanted: list[int], crop, deadline) -> dict[int, np.
     return frames
 
 
+def _frame_numbers(path, last: int) -> dict[int, int] | None:
+    """Presentation-order frame number of each timestamp, for the first `last` + 32 frames, from the
+    packets' timestamps (demuxed, not decoded); None when a packet has no timestamp.
+
+    Frame i is the i-th frame the decoder outputs, so a stream whose timestamps have a gap (an AVI
+    that skips a timestamp) is numbered by count, as the sequential reader numbers it."""
+    stamps = []
+    container, stream = _open(path)
+    with container:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # empty (skip) packets produce no frame
+                continue
+            if packet.pts is None:
+                return None
+            stamps.append(packet.pts)
+            if len(stamps) > last + 32:  # margin for frames reordered after `last`
+                break
+    return {pts: i for i, pts in enumerate(sorted(stamps))}
+
+
 def _decode_after_seek(path, wanted: list[int], crop, deadline) -> dict[int, np.ndarray] | None:
-    """Seek to the keyframe before wanted[0] and index frames by timestamp; None when unusable."""
+    """Seek to the keyframe before wanted[0] and number frames by `_frame_numbers`; None when unusable."""
     need = set(wanted)
+    numbers = _frame_numbers(path, wanted[-1])
+    if numbers is None:
+        return None
+    first_pts = next((pts for pts, i in numbers.items() if i == wanted[0]), None)
+    if first_pts is None:
+        return None
     frames: dict[int, np.ndarray] = {}
     container, stream = _open(path)
     with container:
-        fps = _stream_fps(stream)
-        if fps is None or stream.time_base is None:
-            return None
-        tb = float(stream.time_base)
-        start = stream.start_time or 0
-        container.seek(start + int(wanted[0] / fps / tb), stream=stream, backward=True, any_frame=False)
+        container.seek(first_pts, stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
-            if frame.pts is None:
+            i = None if frame.pts is None else numbers.get(frame.pts)
+            if i is None:
                 return None
-            i = round((frame.pts - start) * tb * fps)
             if not frames and i > wanted[0]:
                 return None  # landed after the first frame asked for
             if i in need:

@@ -96,6 +96,8 @@ def check_inputs(cfg, produced: tuple[Path, ...] = ()) -> None:
         wanted.append(
             ("data.data_list", cfg.data.data_list, "prepare the data list (tools/prepare_demo_data.py)")
         )
+    if cfg.data.index and cfg.features.cache_dir is None:
+        wanted.append(("data.index", cfg.data.index, "build it with tools/build_index.py DATA_TXT OUT_DIR"))
     for field, value, fix in wanted:
         path = Path(value)
         if field == "vae.checkpoint" and path.suffix == "" and path.with_suffix(".safetensors").is_file():

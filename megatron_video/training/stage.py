@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from megatron_video.training import checkpoint as ckpt
 from megatron_video.training import denoisers
 from megatron_video.training.async_save import BackgroundSaves
 from megatron_video.training.checkpoint_files import SaveDirInUseError, SaveDirLock, latest_checkpoint
+from megatron_video.training.data_metrics import announce_data, step_data_metrics
 from megatron_video.training.export import (
     gather_full_state_dict,
     load_flat,
@@ -267,7 +269,11 @@ def _train(cfg: ExperimentConfig, task: str, stage_dir: Path, runtime: Runtime, 
         if stop.agreed():  # a signal during start-up: nothing new to save
             raise Preempted(stop.name, trainer.step, None)
         while trainer.step < t.steps:
+            started = time.perf_counter()
             metrics = trainer.train_step(batches)
+            metrics.update(
+                step_data_metrics(batches, runtime.plan.data_parallel_group, time.perf_counter() - started)
+            )
             metrics.update(quality.after_step(trainer, log))  # validation loss, samples (when due)
             losses.append(metrics["loss"])
             log.log(trainer.step, metrics, t.global_batch_size, tokens, flops, peak_tflops, hardware_flops)
@@ -322,12 +328,14 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
     from megatron_video.data.dataset import VideoTextDataset
     from megatron_video.data.holdout import training_entries
 
+    dataset = VideoTextDataset(cfg.data, cfg.sample_geometry, training_entries(cfg.data))
+    summary = announce_data(dataset, cfg.training.global_batch_size, runtime.is_main)
     torch.manual_seed(cfg.training.seed)  # a random-init VAE (tests) is then the same in every layout
     vae = build_vae(cfg.vae, runtime.device)
     text = build_text_encoder(cfg, runtime.device)
-    return EncodedBatches(
+    batches = EncodedBatches(
         cfg,
-        VideoTextDataset(cfg.data, cfg.sample_geometry, training_entries(cfg.data)),
+        dataset,
         vae,
         text,
         runtime.data_parallel_rank,
@@ -335,7 +343,10 @@ def build_batches(cfg: ExperimentConfig, runtime: Runtime, task: str):
         task,
         device=runtime.device,
         encoder_group=encoder_group(cfg, runtime.plan),
+        replica_group=runtime.plan.tensor_context_parallel_group,
     )
+    batches.data_summary = summary
+    return batches
 
 
 def encoder_group(cfg: ExperimentConfig, plan: ParallelPlan):

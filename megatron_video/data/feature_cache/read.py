@@ -6,7 +6,9 @@ The folder layout is described in `feature_cache/format.py`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from megatron_video.config.schema import ExperimentConfig
 from megatron_video.data.batches import (
     CAPTION_DRAWS,
     POSTERIOR_NOISE,
+    BatchStats,
     TrainBatch,
     posterior_latents,
     sample_generator,
@@ -39,6 +42,8 @@ from megatron_video.data.feature_cache.format import (
 )
 from megatron_video.data.text import CaptionProcessor, TextConfig
 from megatron_video.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureCache:
@@ -317,6 +322,7 @@ class CachedBatches:
             raise ConfigError(I2V_UNSUPPORTED)
         self.cfg, self.dataset = cfg, dataset
         self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
+        self.stats = BatchStats()
         self.shift = dataset.cache.shift.to(self.device)
         self.scale = dataset.cache.scale.to(self.device)
         self._loader = ResumableLoader(
@@ -353,7 +359,11 @@ class CachedBatches:
     @torch.no_grad()
     def next_batch(self) -> TrainBatch:
         """This rank's next micro-batch, from the cache."""
+        start = time.perf_counter()
         raw = self._loader.next()
+        self.stats.loaded(raw, time.perf_counter() - start)
+        for failure in raw.get("load_failures") or ():
+            logger.warning("feature cache: %s; a sample of the same bucket replaced it", failure)
         epoch = self._loader.epoch or 0
         indices = [int(i) for i in raw["index"]]
         pooled = raw["pooled_BP"]
