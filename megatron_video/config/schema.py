@@ -92,7 +92,9 @@ class RuntimeConfig:
 
     attention_backend: Literal["auto", "sdpa", "flash", "te", "npu"] = "auto"
     """Attention kernel: torch SDPA everywhere; flash-attn, Transformer Engine or Ascend fused attention
-    when installed. auto picks npu on Ascend and sdpa otherwise."""
+    when installed. auto decides per call (megatron_video/platform/attention.py): npu on Ascend; on CUDA
+    SDPA without a mask when every key is valid, and flash-attn varlen, else Transformer Engine, else
+    SDPA when keys are masked (bf16 / fp16); SDPA otherwise."""
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype of the denoiser's transformer linears and attention; bf16 keeps the residual streams, norms,
