@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_attr_wrapped_model
 from torch import nn
 
@@ -50,6 +50,7 @@ from megatron_video.training.optim import (
 from megatron_video.training.overlap import (
     CommOverlap,
     ddp_config,
+    finalize_grads,
     finish_param_gather,
     resolve_overlap,
     sync_params,
@@ -194,7 +195,7 @@ class Trainer:
         self._apply_pending_ema()  # the forward passes gathered the last step's parameters
         if isinstance(self.clipper, BatchDropClip):
             self._drop_abnormal_ranks()
-        finalize_model_grads(self.model_chunks)
+        finalize_grads(self.model_chunks, rt.plan)
         if self.before_optimizer_step is not None:
             self.before_optimizer_step(self)
         result = optimizer_step(self.optimizer, self.clipper)

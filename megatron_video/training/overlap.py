@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
 from megatron_video.config.schema import ExperimentConfig
 from megatron_video.training.optimizer_state import CheckpointMismatchError
@@ -66,6 +67,83 @@ def ddp_config(overlap: CommOverlap, distributed_optimizer: bool) -> Distributed
         use_distributed_optimizer=distributed_optimizer,
         bucket_size=overlap.bucket_size,
     )
+
+
+def finalize_grads(ddp_chunks: list, plan) -> None:
+    """Megatron's `finalize_model_grads` (DP x CP reduction or the wait for it, TP sums), with the
+    pipeline-replicated conditioning embedder summed over the pipeline from complete gradients.
+
+    Megatron sums the embedder copies' `main_grad` over the pipeline group after the data-parallel
+    reduction. Under the distributed optimizer that reduction is a reduce-scatter: a rank's buffer
+    holds reduced values only on its own shard, and the shards of one parameter lie at different
+    offsets on different pipeline stages (their buffers hold different parameters, in buckets of
+    their own), so the sum would mix reduced and unreduced values. Here the embedder gradients are
+    first completed over data parallel (each rank contributes its shard), then summed over the
+    chunks and the pipeline.
+    """
+    config = ddp_chunks[0].config
+    saved = getattr(config, "has_cond_embedder", False)
+    config.has_cond_embedder = False  # summed below instead
+    try:
+        finalize_model_grads(ddp_chunks)
+    finally:
+        config.has_cond_embedder = saved
+    replicated = plan.pipeline_parallel > 1 and saved
+    if replicated:
+        _complete_sharded_grads(ddp_chunks)
+        _sum_replicated_grads(ddp_chunks, plan.pipeline_parallel_group)
+
+
+def _replicated_params(chunk) -> list:
+    return [(n, p) for n, p in chunk.module.named_parameters() if getattr(p, "pipeline_parallel", False)]
+
+
+@torch.no_grad()
+def _complete_sharded_grads(ddp_chunks: list) -> None:
+    """After a reduce-scatter: the replicated parameters' full reduced gradients on every rank."""
+    for chunk in ddp_chunks:
+        if not chunk.ddp_config.use_distributed_optimizer:
+            continue
+        by_group: dict = {}
+        for _, p in _replicated_params(chunk):
+            by_group.setdefault(chunk.param_to_bucket_group[p], []).append(p)
+        for group, params in by_group.items():
+            rank, size = (
+                group.intra_distributed_optimizer_instance_rank,
+                group.intra_distributed_optimizer_instance_size,
+            )
+            pieces = []
+            for p in params:
+                bucket = group.param_to_bucket[p]
+                shard = bucket.grad_data.numel() // size
+                start, end = bucket.param_to_index[p]
+                lo, hi = max(start, rank * shard), min(end, (rank + 1) * shard)
+                mine = torch.zeros_like(p.main_grad).view(-1)
+                if lo < hi:
+                    mine[lo - start : hi - start] = p.main_grad.view(-1)[lo - start : hi - start]
+                pieces.append(mine)
+            flat = torch.cat(pieces)
+            dist.all_reduce(flat, group=group.intra_distributed_optimizer_instance_group)
+            for p, full in zip(params, flat.split([p.numel() for p in params])):
+                p.main_grad.copy_(full.view_as(p.main_grad))
+
+
+@torch.no_grad()
+def _sum_replicated_grads(ddp_chunks: list, pp_group) -> None:
+    """Every copy of a replicated parameter gets the sum of all copies' gradients (this rank's chunks,
+    then the pipeline group)."""
+    copies: dict[str, list] = {}
+    for chunk in ddp_chunks:
+        for name, p in _replicated_params(chunk):
+            copies.setdefault(name, []).append(p.main_grad)
+    if not copies:
+        return
+    totals = [torch.stack(grads).sum(dim=0) for grads in copies.values()]
+    flat = torch.cat([t.view(-1) for t in totals])
+    dist.all_reduce(flat, group=pp_group)
+    for grads, total in zip(copies.values(), flat.split([t.numel() for t in totals])):
+        for g in grads:
+            g.copy_(total.view_as(g))
 
 
 def _bucket_groups(chunk) -> list:

@@ -90,13 +90,13 @@ def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer
     trainer.before_optimizer_step = capture
     # Per step: which buckets' reductions were already running when the backward pass ended.
     in_flight = []
-    finalize = loop.finalize_model_grads
+    finalize = loop.finalize_grads
 
-    def record_then_finalize(chunks):
+    def record_then_finalize(chunks, plan):
         in_flight.append([g.grad_reduce_handle is not None for c in chunks for g in c.bucket_groups])
-        finalize(chunks)
+        finalize(chunks, plan)
 
-    loop.finalize_model_grads = record_then_finalize
+    loop.finalize_grads = record_then_finalize
     metrics = [trainer.train_step(source) for _ in range(STEPS)]
     trainer.sync_params()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
