@@ -2,8 +2,8 @@
 
 One optimizer step:
     for each micro-batch: objective.training_loss(model, x0, cond) -> backward (scaled for
-    accumulation and for the (DP x CP) gradient average) -> finalize_model_grads (DP x CP
-    reduction, TP sums of sequence-parallel / QK-norm grads) -> clipping rule (clip, or skip on
+    accumulation and for the (DP x CP) gradient average) -> finalize_grads (DP x CP
+    reduction, TP sums of sequence-parallel / QK-norm grads, pipeline sums of replicated embedders) -> clipping rule (clip, or skip on
     NaN / extreme norms) -> AdamW -> LR schedule -> EMA.
 With `parallel.overlap_grad_reduce` the reduction of the last micro-batch's gradients runs during its
 backward pass (earlier micro-batches accumulate under `no_sync`); with `overlap_param_gather` the
