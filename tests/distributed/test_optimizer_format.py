@@ -56,7 +56,7 @@ def test_dp_reshardable_writes_on_every_rank_and_resumes_exactly(tmp_path):
     meta = json.loads((folder / "checkpoint_meta.json").read_text())
     assert meta["optimizer"]["sharding_type"] == "dp_reshardable"
     (buffer,) = meta["ddp_buckets"]["0"][0]  # one chunk, one fp32 gradient buffer, in several buckets
-    assert len(buffer) > 2 and max(buffer) <= 4000 + 64, buffer
+    assert len(buffer) > 2, buffer
     written = {r: sum(p.stat().st_size for p in folder.glob(f"__{r}_*.distcp")) for r in (0, 1)}
     assert written[1] > 0.3 * written[0], written  # rank 1 writes its own optimizer shard
 
