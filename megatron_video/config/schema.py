@@ -77,6 +77,28 @@ class ParallelConfig:
     world_size: int | None = None
     """Total ranks, when known before launch (tools fill it from the launcher); None skips that check."""
 
+    overlap_grad_reduce: bool | None = None
+    """Reduce (distributed optimizer: reduce-scatter) gradients bucket by bucket while the backward
+    pass of the last micro-batch still runs, instead of all at once after it (Megatron DDP). None: on
+    whenever gradients are reduced over more than one rank (data parallel x context parallel > 1),
+    except with training.clip.mode=batch_drop, which weighs each rank's unreduced gradients after the
+    backward pass. Under pipeline parallelism the schedule holds the reduction back until each chunk's
+    last micro-batch; later stages reduce in one bucket (their reduction is off the critical path)."""
+
+    overlap_param_gather: bool | None = None
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket during the
+    next forward pass (each module waits for its own bucket) instead of right after the optimizer
+    step. Needs overlap_grad_reduce. None: on whenever overlap_grad_reduce is and the distributed
+    optimizer runs. Checkpoints, exports and the EMA still see up-to-date parameters
+    (`Trainer.sync_params`)."""
+
+    bucket_size: int | None = None
+    """Parameters per gradient-reduction (and parameter-gather) bucket when overlapping; smaller buckets
+    start communicating earlier, larger ones use the links better. None: Megatron's default,
+    max(40M, 1M x data-parallel size). With the distributed optimizer the bucket layout fixes where
+    each rank's optimizer shard lies, so a checkpoint in training.checkpoint.optimizer_format=
+    dp_reshardable resumes only with the same buckets (fully_reshardable resumes with any)."""
+
     @property
     def model_parallel_size(self) -> int:
         """Ranks that hold one model replica."""
@@ -92,7 +114,9 @@ class RuntimeConfig:
 
     attention_backend: Literal["auto", "sdpa", "flash", "te", "npu"] = "auto"
     """Attention kernel: torch SDPA everywhere; flash-attn, Transformer Engine or Ascend fused attention
-    when installed. auto picks npu on Ascend and sdpa otherwise."""
+    when installed. auto decides per call (megatron_video/platform/attention.py): npu on Ascend; on CUDA
+    SDPA without a mask when every key is valid, and flash-attn varlen, else Transformer Engine, else
+    SDPA when keys are masked (bf16 / fp16); SDPA otherwise."""
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype of the denoiser's transformer linears and attention; bf16 keeps the residual streams, norms,
@@ -280,6 +304,7 @@ class ExperimentConfig:
                     f"{m.total_layers} blocks cannot be split evenly over pipeline_parallel x "
                     f"virtual_pipeline = {p.pipeline_parallel} x {p.virtual_pipeline}"
                 )
+        self._validate_overlap()
         if p.pipeline_parallel > m.total_layers:
             raise ConfigError(
                 f"parallel.pipeline_parallel={p.pipeline_parallel} exceeds the {m.total_layers} blocks"
@@ -347,6 +372,33 @@ class ExperimentConfig:
             raise ConfigError(
                 "model.family=opensora_dit reads only token states (no pooled text); remove text.pooled"
             )
+
+    def _validate_overlap(self) -> None:
+        """Communication overlap settings that cannot run together."""
+        p, t = self.parallel, self.training
+        if p.bucket_size is not None and p.bucket_size < 1:
+            raise ConfigError(f"parallel.bucket_size must be >= 1 parameters (or null), got {p.bucket_size}")
+        if p.overlap_grad_reduce and t.clip.mode == "batch_drop":
+            raise ConfigError(
+                "parallel.overlap_grad_reduce=true reduces gradients during the backward pass, but "
+                "training.clip.mode=batch_drop weighs each rank's unreduced gradients after it; set "
+                "parallel.overlap_grad_reduce=false (or null) or choose another clip mode"
+            )
+        if p.overlap_param_gather:
+            if p.overlap_grad_reduce is False:
+                raise ConfigError(
+                    "parallel.overlap_param_gather=true needs parallel.overlap_grad_reduce (true or null)"
+                )
+            if not t.optimizer.distributed_optimizer:
+                raise ConfigError(
+                    "parallel.overlap_param_gather=true gathers the distributed optimizer's parameter shards; "
+                    "set training.optimizer.distributed_optimizer=true or parallel.overlap_param_gather=false"
+                )
+            if t.clip.mode == "batch_drop" and p.overlap_grad_reduce is None:
+                raise ConfigError(
+                    "parallel.overlap_param_gather=true needs overlap_grad_reduce, which "
+                    "training.clip.mode=batch_drop turns off; set parallel.overlap_param_gather=false"
+                )
 
     def micro_batches_per_step(self, data_parallel_size: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank; the interleaved pipeline

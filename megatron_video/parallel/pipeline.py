@@ -209,7 +209,8 @@ def run_pipeline_schedule(
     (interleaved with more than one chunk per rank); returns the last stage's loss reports.
 
     `forward_step(data_iterator, chunk) -> (output, loss_func)` is Megatron's contract. Gradients are
-    accumulated in the chunks' DDP buffers and left unreduced (the caller runs finalize_model_grads).
+    accumulated in the chunks' DDP buffers; the caller runs finalize_model_grads, which reduces them
+    (or, with the DDP's `overlap_grad_reduce`, waits for the reductions the schedule started).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -228,16 +229,36 @@ def run_pipeline_schedule(
         )
     groups = ProcessGroupCollection.use_mpu_process_groups(["tp", "cp", "pp", "embd", "pos_embd", "dp_cp"])
     communicator = OrderedP2PCommunicator(groups.pp, config, device)
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterators,
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=1,  # unused: every tensor's shape is exchanged (variable_seq_lengths)
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-        p2p_communicator=communicator,
-        pg_collection=groups,
-    )
+    saved = (config.no_sync_func, config.grad_sync_func)
+    config.no_sync_func, config.grad_sync_func = _grad_sync_funcs(model_chunks)
+    try:
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterators,
+            model=model_chunks,
+            num_microbatches=num_microbatches,
+            seq_length=1,  # unused: every tensor's shape is exchanged (variable_seq_lengths)
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+            p2p_communicator=communicator,
+            pg_collection=groups,
+        )
+    finally:
+        config.no_sync_func, config.grad_sync_func = saved
     communicator.wait_for_sends()
     return reports
+
+
+def _grad_sync_funcs(model_chunks: list[nn.Module]) -> tuple:
+    """(no_sync_func, grad_sync_func) for Megatron's schedules: None, None without overlapped
+    gradient reduction; otherwise each DDP chunk's `no_sync` (so only a chunk's last micro-batch
+    marks gradients ready) and `start_grad_sync` (the schedule starts each chunk's reduction at the
+    same point on every pipeline rank; `finalize_model_grads` waits for it). Per chunk with
+    virtual pipelining, as Megatron's interleaved schedule expects."""
+    if not getattr(getattr(model_chunks[0], "ddp_config", None), "overlap_grad_reduce", False):
+        return None, None
+    no_sync = [chunk.no_sync for chunk in model_chunks]
+    grad_sync = [chunk.start_grad_sync for chunk in model_chunks]
+    if len(model_chunks) == 1:
+        return no_sync[0], grad_sync[0]
+    return no_sync, grad_sync

@@ -83,6 +83,7 @@ from megatron_video.training.optimizer_state import (
     optimizer_parts,
     untie_steps,
 )
+from megatron_video.training.overlap import check_bucket_layout, gather_bucket_layouts
 from megatron_video.training.rng import capture_rng_state, reseed_rng, restore_rng_state
 from megatron_video.training.safe_load import check_dist_checkpoint, loads_plain
 
@@ -549,6 +550,7 @@ def save_checkpoint(
         "iteration": iteration,
         "layout": current_layout(model_plan(model_chunks)),
         "optimizer": _describe_optimizer(optimizer, optimizer_format),
+        "ddp_buckets": gather_bucket_layouts(model_chunks, model_plan(model_chunks).pipeline_parallel_rank),
         "model": _describe_model(model_chunks),
         "has_ema": ema is not None,
         "has_scheduler": scheduler is not None,
@@ -797,6 +799,8 @@ def load_checkpoint(
         if wanted_optimizer is not None
         else DISTRIBUTED_OPTIMIZER_SHARDING
     )
+    if sharding == "dp_reshardable":
+        check_bucket_layout(meta, model_chunks, plan.pipeline_parallel_rank)
     rng_template = capture_rng_state() if same_layout else None
     state = _sharded_state(
         model_chunks, wanted_optimizer, ema if load_ema else None, rng_template, True, sharding

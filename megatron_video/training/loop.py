@@ -2,9 +2,13 @@
 
 One optimizer step:
     for each micro-batch: objective.training_loss(model, x0, cond) -> backward (scaled for
-    accumulation and for the (DP x CP) gradient average) -> finalize_model_grads (DP x CP
-    reduction, TP sums of sequence-parallel / QK-norm grads) -> clipping rule (clip, or skip on
+    accumulation and for the (DP x CP) gradient average) -> finalize_grads (DP x CP
+    reduction, TP sums of sequence-parallel / QK-norm grads, pipeline sums of replicated embedders) -> clipping rule (clip, or skip on
     NaN / extreme norms) -> AdamW -> LR schedule -> EMA.
+With `parallel.overlap_grad_reduce` the reduction of the last micro-batch's gradients runs during its
+backward pass (earlier micro-batches accumulate under `no_sync`); with `overlap_param_gather` the
+updated parameters are gathered during the next forward pass, and the EMA update of a step waits
+for it (overlap.py).
 Sigma and noise come from a generator seeded by (seed, step, micro-batch, DP rank), so every TP /
 CP rank of a replica draws the same values and a resumed run draws what the original would have.
 
@@ -17,17 +21,14 @@ pass the hidden states on (megatron_video/parallel/pipeline.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.utils import get_attr_wrapped_model
 from torch import nn
 
@@ -46,6 +47,14 @@ from megatron_video.training.optim import (
     scale_local_grads,
     uses_distributed_optimizer,
 )
+from megatron_video.training.overlap import (
+    CommOverlap,
+    ddp_config,
+    finalize_grads,
+    finish_param_gather,
+    resolve_overlap,
+    sync_params,
+)
 
 
 def build_objective(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
@@ -63,16 +72,19 @@ def build_objective(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
     )
 
 
-def wrap_ddp(model: torch.nn.Module, plan, distributed_optimizer: bool) -> DistributedDataParallel:
-    """Megatron DDP with fp32 gradient reduction, no overlap (deterministic order)."""
+def wrap_ddp(
+    model: torch.nn.Module,
+    plan,
+    distributed_optimizer: bool,
+    overlap: CommOverlap | None = None,
+    disable_bucketing: bool = False,
+) -> DistributedDataParallel:
+    """Megatron DDP with fp32 gradient reduction and the given communication overlap (none by default)."""
     return DistributedDataParallel(
         config=plan.linear_config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=distributed_optimizer,
-        ),
+        ddp_config=ddp_config(overlap or CommOverlap(), distributed_optimizer),
         module=model,
+        disable_bucketing=disable_bucketing,
     )
 
 
@@ -134,7 +146,12 @@ class Trainer:
         chunks = self.model if isinstance(self.model, list) else [self.model]
         if rt.pipeline_parallel > 1 and not isinstance(self.model, list):
             raise TypeError("with pipeline parallelism the Trainer takes this rank's list of model chunks")
-        self._ddp_chunks = [wrap_ddp(chunk, rt.plan, dist_opt) for chunk in chunks]
+        self.overlap = resolve_overlap(cfg, rt.data_parallel, dist_opt)
+        # As Megatron does: only the first chunk's reduction is on the critical path, so only it is bucketed.
+        self._ddp_chunks = [
+            wrap_ddp(chunk, rt.plan, dist_opt, self.overlap, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
         self.ddp = self._ddp_chunks[0]
         self.optimizer, self.scheduler = build_optimizer(
             self._ddp_chunks, cfg.training, cfg.runtime.dtype, rt.data_parallel
@@ -145,6 +162,7 @@ class Trainer:
         self.clipper = build_clipper(t.clip.mode, t.clip.max_norm, t.clip.ema_decay)
         self.objective = build_objective(cfg, rt.data_parallel_rank, rt.data_parallel)
         self.accumulation = t.accumulation_steps(rt.data_parallel)
+        self._ema_pending = False  # the last step's EMA update, waiting for its parameters' gather
 
     @property
     def ema_module(self) -> nn.Module:
@@ -168,17 +186,21 @@ class Trainer:
             losses = self._pipeline_micro_batches(source)
         else:
             for micro in range(self.accumulation):
-                batch = source.next_batch()
-                gen = self._generators(micro, batch)
-                loss = self.objective.training_loss(
-                    self.ddp, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW
-                )
-                # DDP averages over (DP x CP); each CP rank holds a share of the gradient.
-                (loss * cp / self.accumulation).backward()
+                # Only the last micro-batch's backward pass marks gradients ready for reduction.
+                last = micro == self.accumulation - 1
+                with contextlib.nullcontext() if last else self.ddp.no_sync():
+                    batch = source.next_batch()
+                    gen = self._generators(micro, batch)
+                    loss = self.objective.training_loss(
+                        self.ddp, batch.x0_BCTHW, batch.cond, gen, batch.loss_mask_BTHW
+                    )
+                    # DDP averages over (DP x CP); each CP rank holds a share of the gradient.
+                    (loss * cp / self.accumulation).backward()
                 losses.append(loss.detach().clone())
+        self._apply_pending_ema()  # the forward passes gathered the last step's parameters
         if isinstance(self.clipper, BatchDropClip):
             self._drop_abnormal_ranks()
-        finalize_model_grads(self.model_chunks)
+        finalize_grads(self.model_chunks, rt.plan)
         if self.before_optimizer_step is not None:
             self.before_optimizer_step(self)
         result = optimizer_step(self.optimizer, self.clipper)
@@ -186,7 +208,9 @@ class Trainer:
         if result.action != "skip":
             self.scheduler.step(increment=t.global_batch_size)
             if self.ema is not None:
-                self.ema.update(self._ema_params)
+                self._ema_pending = True
+                if not self.overlap.param_gather:
+                    self._apply_pending_ema()
         self.step += 1
         self.consumed_samples += t.global_batch_size
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
@@ -200,6 +224,19 @@ class Trainer:
             "skipped_steps": self.clipper.skipped_steps,
             "lr": result.lr,
         }
+
+    def sync_params(self) -> None:
+        """Make the parameters and the EMA current (collective): call before reading them outside
+        `train_step` (checkpoints, exports, evaluation). Under `overlap_param_gather` the last step's
+        updated parameters are otherwise gathered only by the next forward pass."""
+        sync_params(self._ddp_chunks)
+        self._apply_pending_ema()
+
+    def _apply_pending_ema(self) -> None:
+        if self._ema_pending:
+            finish_param_gather(self._ddp_chunks)
+            self.ema.update(self._ema_params)
+            self._ema_pending = False
 
     def _generators(self, micro: int, batch: TrainBatch) -> list[torch.Generator]:
         """Per-sample generators of micro-batch `micro`, keyed by position in the global batch."""

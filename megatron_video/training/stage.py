@@ -366,6 +366,7 @@ def _step_work(cfg: ExperimentConfig) -> tuple[int, float, float]:
 
 
 def _save(trainer: Trainer, batches, cfg: ExperimentConfig, background: BackgroundSaves | None) -> None:
+    trainer.sync_params()  # parameters and EMA as of this step (overlapped gathers finish lazily)
     state = trainer.train_state()
     state["data"] = batches.state_dict()
     state["config"] = dataclasses.asdict(cfg.model)
@@ -389,6 +390,7 @@ def _export(
     trainer: Trainer, runtime: Runtime, cfg: ExperimentConfig, stage_dir: Path
 ) -> tuple[Path, Path | None]:
     """Flat raw and EMA weights of the final model, merged over TP and PP (rank 0 writes)."""
+    trainer.sync_params()
     chunks = trainer.model if isinstance(trainer.model, list) else [trainer.model]
     raw, ema = {}, ({} if trainer.ema else None)
     for chunk in chunks:

@@ -181,11 +181,11 @@ class VAETrainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.vae_cfg = cfg.model.build_config()
-        from megatron_video.platform.attention import resolve_backend
+        from megatron_video.platform.attention import check_backend
 
-        backend = resolve_backend(cfg.runtime.attention_backend, self.device.type)
+        check_backend(cfg.runtime.attention_backend, self.device)  # 'auto' is resolved per call
         seed_everything(cfg.runtime.seed)
-        self.vae = WFVAE(self.vae_cfg, backend)
+        self.vae = WFVAE(self.vae_cfg, cfg.runtime.attention_backend)
         if cfg.model.init_from:
             load_initial_weights(self.vae, cfg.model.init_from, cfg.model.init_use_ema)
         self.vae.to(self.device).train()

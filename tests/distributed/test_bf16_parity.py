@@ -116,6 +116,7 @@ def _run(cfg, runtime, state) -> dict:
     )
     source = _FixedBatches(cfg, runtime.data_parallel_rank, trainer.accumulation)
     metrics = [trainer.train_step(source) for _ in range(STEPS)]
+    trainer.sync_params()  # fp32 parameters are their own main parameters: current values
     mains = {k: v for c in chunks for k, v in full(main_params(c, trainer.optimizer)).items()}
     kinds = sorted(
         {type(p).__name__ for p in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])}

@@ -7,6 +7,12 @@ same per-sample noise over several micro-batches. Loss, gradient norm, every red
 EMA must agree within rtol 1e-4 / atol 1e-5. The negative check turns off Megatron's
 conditional-embedder all-reduce (`has_cond_embedder`) and sees the embedder gradients go wrong.
 
+Communication overlap: PP=2 runs without it (one data-parallel rank: nothing to overlap), PP=2 x
+VPP=2 with the gradient reduction forced on (the schedule's no_sync / grad_sync wiring over a group
+of one), PP=2 x VPP=2 x CP=2 with it on by default (reduction over CP during the backward pass), and
+PP=2 x DP=2 with it on by default and the distributed optimizer (reduce-scatter during the backward
+pass, parameter gather during the next forward pass, first-stage gradients in several buckets).
+
 The tiny model has U-stages of 1, 2, 2, 2, 1 blocks. PP=2 cuts it at block 4 (two pending skips
 cross); PP=2 x VPP=2 at blocks 2, 4 and 6, so one skip passes two chunks untouched and the
 interleaved schedule sends an activation and a gradient to the same peer in one step (the gloo
@@ -27,6 +33,8 @@ MODEL = dict(caption_channels=32, pooled_projection_dim=24, timestep_embed_dim=3
 MICRO_BATCHES = 4
 STEPS = 2
 EMBEDDER = "time_text_embed."
+BUCKET = 4000
+"""Parameters per DDP bucket: a first-stage chunk of the tiny model is split into several."""
 
 
 def _config(parallel: dict | None = None):
@@ -40,27 +48,30 @@ def _config(parallel: dict | None = None):
 
 
 class _FixedBatches:
-    """Sample p of step s is a fixed random tensor (with text, video and loss masks)."""
+    """Sample p of step s is a fixed random tensor (with text, video and loss masks); this
+    data-parallel rank takes its positions in order."""
 
-    def __init__(self, cfg):
-        self.cfg, self.step, self.micro = cfg, 0, 0
+    def __init__(self, cfg, dp_rank=0, accumulation=MICRO_BATCHES):
+        self.cfg, self.dp_rank, self.accumulation = cfg, dp_rank, accumulation
+        self.step, self.micro = 0, 0
 
     def next_batch(self):
         from megatron_video.data.batches import TrainBatch
 
         m = self.cfg.model
-        g = torch.Generator().manual_seed(1000 * self.step + self.micro)
+        pos = self.dp_rank * self.accumulation + self.micro
+        g = torch.Generator().manual_seed(1000 * self.step + pos)
         x0 = torch.randn(1, m.in_channels, 2, 4, 6, generator=g)
         cond = {
             "text_BLC": torch.randn(1, 8, m.caption_channels, generator=g),
             "pooled_BP": torch.randn(1, m.pooled_projection_dim, generator=g),
-            "text_mask_BL": (torch.arange(8) < 8 - self.micro).float()[None],
+            "text_mask_BL": (torch.arange(8) < 8 - pos).float()[None],
             "video_mask_BTHW": torch.ones(1, 2, 4, 6),
         }
-        cond["video_mask_BTHW"][0, 1, : self.micro % 3] = 0
+        cond["video_mask_BTHW"][0, 1, : pos % 3] = 0
         loss_mask = cond["video_mask_BTHW"].clone()
         self.micro += 1
-        if self.micro == MICRO_BATCHES:
+        if self.micro == self.accumulation:
             self.micro, self.step = 0, self.step + 1
         return TrainBatch(x0, cond, loss_mask)
 
@@ -96,6 +107,8 @@ def _train(rank, world_size, state, layouts):
             context_parallel=layout.get("cp", 1),
         )
         cfg = _config(parallel)
+        cfg.parallel.overlap_grad_reduce = layout.get("overlap")
+        cfg.parallel.bucket_size = BUCKET
         rt = setup_parallel(cfg, Runtime(torch.device("cpu"), rank, world_size, rank))
         chunks = build_model_chunks(
             lambda blocks, cfg=cfg, rt=rt: SUVModel(cfg.model, rt.plan, blocks=blocks), cfg.model.total_layers
@@ -109,6 +122,9 @@ def _train(rank, world_size, state, layouts):
             )
             assert all(k.endswith("_extra_state") for k in missing), missing
         trainer = Trainer(cfg, rt, chunks if pp > 1 else chunks[0])
+        expected = layout.get("overlap", rt.data_parallel * rt.plan.context_parallel > 1)
+        assert trainer.overlap.grad_reduce == expected, (layout, trainer.overlap)
+        assert trainer.overlap.param_gather == (expected and rt.data_parallel > 1), (layout, trainer.overlap)
         if not layout.get("cond_allreduce", True):
             rt.plan.linear_config.has_cond_embedder = False
 
@@ -128,8 +144,9 @@ def _train(rank, world_size, state, layouts):
             grads.append([full({n: p.main_grad for n, p in c.named_parameters()}) for c in chunks])
 
         trainer.before_optimizer_step = capture
-        source = _FixedBatches(cfg)
+        source = _FixedBatches(cfg, rt.data_parallel_rank, trainer.accumulation)
         metrics = [trainer.train_step(source) for _ in range(STEPS)]
+        trainer.sync_params()
         params = [full(dict(c.named_parameters())) for c in chunks]
         results.append(dict(metrics=metrics, grads=grads, params=params, ema=full(trainer.ema.shadow)))
     return results
@@ -214,7 +231,9 @@ def _check_layout(ref, ranks, index, layout):
         for m_ref, m in zip(ref["metrics"], run["metrics"]):
             assert m["loss"] == pytest.approx(m_ref["loss"], rel=1e-5), (layout, m, m_ref)
             assert m["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-4), (layout, m, m_ref)
-        for step in range(STEPS):
+        # Under the distributed optimizer (DP > 1) a gradient buffer holds only this rank's reduced
+        # shard: the gradient norm above covers the gradients then.
+        for step in range(STEPS if layout.get("dp", 1) == 1 else 0):
             for chunk_grads in run["grads"][step]:
                 _assert_matches(ref_grads[step], chunk_grads, f"{layout} step {step} grad")
         # Under CP a gradient is a sum of shares, and an entry that is zero up to round-off
@@ -233,7 +252,7 @@ def _check_layout(ref, ranks, index, layout):
 
 def test_pipeline_matches_one_process(reference):
     state, ref = reference
-    layouts = [dict(pp=2), dict(pp=2, vpp=2), dict(pp=2, cond_allreduce=False)]
+    layouts = [dict(pp=2), dict(pp=2, vpp=2, overlap=True), dict(pp=2, cond_allreduce=False)]
     ranks = run_distributed(_train, 2, state, layouts, timeout_s=500)
     _check_layout(ref, ranks, 0, layouts[0])
     _check_layout(ref, ranks, 1, layouts[1])
@@ -248,9 +267,10 @@ def test_pipeline_matches_one_process(reference):
 
 
 def test_pipeline_with_sequence_and_context_parallel(reference):
-    """Chunks keep the TP + sequence-parallel and Ulysses CP splits (4 processes)."""
+    """Chunks keep the TP + sequence-parallel and Ulysses CP splits, and PP x DP with the overlapped
+    reduce-scatter and parameter gather of the distributed optimizer (4 processes)."""
     state, ref = reference
-    layouts = [dict(pp=2, tp=2, sp=True), dict(pp=2, vpp=2, cp=2)]
+    layouts = [dict(pp=2, tp=2, sp=True), dict(pp=2, vpp=2, cp=2), dict(pp=2, dp=2)]
     ranks = run_distributed(_train, 4, state, layouts, timeout_s=550)
     for index, layout in enumerate(layouts):
         _check_layout(ref, ranks, index, layout)

@@ -2,7 +2,10 @@
 
 Both runs see the same global batches (sample p of step s is the same tensor wherever it is
 processed) and the same per-sample noise, so loss, every reduced gradient and the updated
-parameters must agree within rtol 1e-4 / atol 1e-5.
+parameters must agree within rtol 1e-4 / atol 1e-5. DP=2 runs with the communication overlap on
+(the default for more than one rank: gradient reduction during the backward pass, with the
+distributed optimizer the parameter gather during the next forward pass, in many small buckets)
+and, once, with it off.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 3
 GLOBAL_BATCH = 4
+BUCKET = 4000
+"""Parameters per DDP bucket: the tiny model is split into several buckets."""
 
 
 class _FixedBatches:
@@ -53,11 +58,12 @@ class _FixedBatches:
         self.step, self.micro = state["step"], state["micro"]
 
 
-def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer):
+def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer, overlap=None):
     from megatron_video.parallel.setup import setup_parallel
     from megatron_video.parallel.tensor_parallel_state import partition_dims
     from megatron_video.platform.launch import init_distributed
     from megatron_video.testing.models import build_model
+    from megatron_video.training import loop
     from megatron_video.training.loop import Trainer
 
     cfg = tiny_config(caption_channels=32, pooled_projection_dim=24, timestep_embed_dim=32)
@@ -66,6 +72,8 @@ def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer
     cfg.training.optimizer.lr = 1e-3
     cfg.training.optimizer.distributed_optimizer = distributed_optimizer
     cfg.training.ema_decay = 0.9
+    cfg.parallel.overlap_grad_reduce = cfg.parallel.overlap_param_gather = overlap
+    cfg.parallel.bucket_size = BUCKET
     rt = setup_parallel(cfg, init_distributed(cfg.runtime))
     model = build_model(cfg)
     model.load_state_dict(state, strict=False)
@@ -80,10 +88,21 @@ def _train(rank, world_size, state, micro_batch, nan_step, distributed_optimizer
         grads_per_step.append({n: p.main_grad.detach().clone() for n, p in tr.model.named_parameters()})
 
     trainer.before_optimizer_step = capture
+    # Per step: which buckets' reductions were already running when the backward pass ended.
+    in_flight = []
+    finalize = loop.finalize_grads
+
+    def record_then_finalize(chunks, plan):
+        in_flight.append([g.grad_reduce_handle is not None for c in chunks for g in c.bucket_groups])
+        finalize(chunks, plan)
+
+    loop.finalize_grads = record_then_finalize
     metrics = [trainer.train_step(source) for _ in range(STEPS)]
+    trainer.sync_params()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema = {n: t.clone() for n, t in trainer.ema.shadow.items()}
-    return metrics, grads_per_step, params, ema, trainer.accumulation
+    buckets = len(trainer.ddp.bucket_groups)
+    return metrics, grads_per_step, params, ema, trainer.accumulation, trainer.overlap, buckets, in_flight
 
 
 def _state():
@@ -100,14 +119,27 @@ def _compare(a, b, what):
         )
 
 
-@pytest.mark.parametrize("distributed_optimizer", [False, True])
-def test_dp2_equals_dp1_with_accumulation(megatron_single, distributed_optimizer):
+@pytest.mark.parametrize(
+    "distributed_optimizer, overlap",
+    [(False, None), (True, None), (True, False)],
+    ids=["plain-overlap", "distributed-overlap", "distributed-no-overlap"],
+)
+def test_dp2_equals_dp1_with_accumulation(megatron_single, distributed_optimizer, overlap):
     state = _state()
     (one,) = run_distributed(_train, 1, state, 1, -1, False, timeout_s=300)
-    two = run_distributed(_train, 2, state, 1, -1, distributed_optimizer, timeout_s=300)
+    two = run_distributed(_train, 2, state, 1, -1, distributed_optimizer, overlap, timeout_s=300)
     assert one[4] == 4 and two[0][4] == 2  # accumulation steps: 4 vs 2 micro-batches per step
+    assert not one[5].grad_reduce  # one rank: nothing to overlap
+    on = overlap is None
+    assert (two[0][5].grad_reduce, two[0][5].param_gather) == (on, on and distributed_optimizer)
+    assert two[0][6] > (2 if on else 0)  # several buckets when overlapping, one otherwise
+    # With the overlap every bucket's reduction started during the backward pass, from the second
+    # step on (Megatron learns in the first which gradients make a bucket complete); without, none.
     for rank_result in two:
-        metrics, grads, params, ema, _ = rank_result
+        in_flight = rank_result[7]
+        assert not any(in_flight[0]) and all(all(step) == on and any(step) == on for step in in_flight[1:])
+    for rank_result in two:
+        metrics, grads, params, ema, *_ = rank_result
         for m1, m2 in zip(one[0], metrics):
             assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)
             assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
@@ -124,7 +156,7 @@ def test_dp2_equals_dp1_with_accumulation(megatron_single, distributed_optimizer
 
 def test_nan_gradient_step_is_skipped(megatron_single):
     state = _state()
-    metrics, grads, params, ema, _ = run_distributed(_train, 2, state, 2, 1, True, timeout_s=300)[0]
+    metrics, grads, params, ema, *_ = run_distributed(_train, 2, state, 2, 1, True, timeout_s=300)[0]
     assert [m["skipped_steps"] for m in metrics] == [0, 1, 1]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert all(torch.isfinite(p).all() for p in params.values())

@@ -1,7 +1,8 @@
 """Joint video/text attention with Skiparse sparsity (the SUV attention).
 
 Shapes: N video tokens, L text tokens, B batch, h heads (this rank's), d head dim; sparse_n is
-the Skiparse sparsity (`model.sparse_n` of the stage).
+the Skiparse sparsity (`model.sparse_n` of the stage). A key mask of None means every key of that
+stream is valid; the kernel then gets no mask unless Skiparse padding or the other stream needs one.
 
 Per sub-sequence j of the video (see `skiparse.py`) the attended sequence is [video_j ; text]:
 video queries see their sub-sequence and all text keys; the text is repeated sparse_n times,
@@ -35,13 +36,16 @@ def joint_skiparse_attention(
     tq_LBhd: torch.Tensor,
     tk_LBhd: torch.Tensor,
     tv_LBhd: torch.Tensor,
-    video_keep_BN: torch.Tensor,
-    text_keep_BL: torch.Tensor,
+    video_keep_BN: torch.Tensor | None,
+    text_keep_BL: torch.Tensor | None,
     sparse_n: int,
     group: bool,
     backend: str = "sdpa",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention over full sequences; returns video [N, B, h, d] and text [L, B, h, d]."""
+    """Joint attention over full sequences; returns video [N, B, h, d] and text [L, B, h, d].
+
+    `video_keep_BN` / `text_keep_BL` are True where a key is valid; None: all of that stream.
+    """
     n, b = q_NBhd.shape[:2]
     num_text = tq_LBhd.shape[0]
     scale = q_NBhd.shape[-1] ** -0.5
@@ -52,17 +56,18 @@ def joint_skiparse_attention(
     video = [q_NBhd, k_NBhd, v_NBhd]
     if pad:
         video = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in video]
+    if pad and video_keep_BN is None:  # the padded keys must be masked
+        video_keep_BN = torch.ones(b, n, dtype=torch.bool, device=q_NBhd.device)
+    video_keep, text, text_keep = video_keep_BN, [tq_LBhd, tk_LBhd, tv_LBhd], text_keep_BL
     if sparse_n > 1:
         video = [skiparse_regroup(t, sparse_n, group) for t in video]
-        video_keep = skiparse_key_mask(video_keep_BN, sparse_n, group)
-        text = [t.repeat(1, sparse_n, 1, 1) for t in (tq_LBhd, tk_LBhd, tv_LBhd)]
-        text_keep = text_keep_BL.repeat(sparse_n, 1)
-    else:
-        video_keep, text, text_keep = video_keep_BN, [tq_LBhd, tk_LBhd, tv_LBhd], text_keep_BL
+        video_keep = None if video_keep_BN is None else skiparse_key_mask(video_keep_BN, sparse_n, group)
+        text = [t.repeat(1, sparse_n, 1, 1) for t in text]
+        text_keep = None if text_keep_BL is None else text_keep_BL.repeat(sparse_n, 1)
 
     # 2. One softmax over [video_j ; text] per sub-sequence.
     q, k, v = (torch.cat([vt, tt], dim=0).permute(1, 2, 0, 3) for vt, tt in zip(video, text))
-    keep = torch.cat([video_keep, text_keep], dim=1)
+    keep = _joint_key_mask(video_keep, text_keep, q.shape[0], video[0].shape[0], num_text, q.device)
     out = attention(q, k, v, keep, scale, backend).permute(2, 0, 1, 3)  # [S_j + L, sparse_n*B, h, d]
 
     # 3. Undo the regrouping, drop the padding, average the sparse_n text outputs.
@@ -71,6 +76,17 @@ def joint_skiparse_attention(
         out_video = skiparse_ungroup(out_video, sparse_n, group)
         out_text = out_text.reshape(num_text, sparse_n, b, *out_text.shape[2:]).mean(dim=1)
     return out_video[:n], out_text
+
+
+def _joint_key_mask(video_keep, text_keep, batch, num_video, num_text, device) -> torch.Tensor | None:
+    """[video ; text] key validity [batch, num_video + num_text], or None when every key is valid."""
+    if video_keep is None and text_keep is None:
+        return None
+    if video_keep is None:
+        video_keep = torch.ones(batch, num_video, dtype=torch.bool, device=device)
+    if text_keep is None:
+        text_keep = torch.ones(batch, num_text, dtype=torch.bool, device=device)
+    return torch.cat([video_keep, text_keep], dim=1)
 
 
 class JointSkiparseAttention(nn.Module):
@@ -143,8 +159,8 @@ class JointSkiparseAttention(nn.Module):
         x_SBD: torch.Tensor,
         c_LBD: torch.Tensor,
         rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
-        video_keep_BN: torch.Tensor,
-        text_keep_BL: torch.Tensor,
+        video_keep_BN: torch.Tensor | None,
+        text_keep_BL: torch.Tensor | None,
         sparse_n: int,
         group: bool,
         backend: str,

@@ -77,7 +77,7 @@ from megatron_video.parallel.plan import (
     ulysses_head_to_seq,
     ulysses_seq_to_head,
 )
-from megatron_video.platform.attention import attention
+from megatron_video.platform.attention import attention, drop_full_masks
 
 _ANGLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,7 +86,7 @@ def skiparse_self_attention(
     q_NBhd: torch.Tensor,
     k_NBhd: torch.Tensor,
     v_NBhd: torch.Tensor,
-    keep_BN: torch.Tensor,
+    keep_BN: torch.Tensor | None,
     sparse_n: int,
     group: bool,
     backend: str = "sdpa",
@@ -99,11 +99,14 @@ def skiparse_self_attention(
     n = q_NBhd.shape[0]
     scale = q_NBhd.shape[-1] ** -0.5
     qkv = [q_NBhd, k_NBhd, v_NBhd]
-    keep = keep_BN
+    keep = keep_BN  # None: every key valid
     if sparse_n > 1:
         pad = skiparse_padding(n, sparse_n)
         qkv = [skiparse_regroup(F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)), sparse_n, group) for t in qkv]
-        keep = skiparse_key_mask(keep_BN, sparse_n, group)
+        if pad and keep is None:  # the padded keys must be masked
+            keep = torch.ones(q_NBhd.shape[1], n, dtype=torch.bool, device=q_NBhd.device)
+        if keep is not None:
+            keep = skiparse_key_mask(keep, sparse_n, group)
     q, k, v = (t.permute(1, 2, 0, 3) for t in qkv)  # [B', h, N', d]
     out = attention(q, k, v, keep, scale, backend).permute(2, 0, 1, 3)
     if sparse_n > 1:
@@ -383,11 +386,10 @@ class OpenSoraDiT(PipelineChunkInput, MegatronModule):
         hp, wp = h // p, w // p
 
         # 1. Masks (full sequences, used inside attention) and RoPE tables for the global grid.
-        video_keep_BN = self._video_keep(video_mask_BTHW, b, t, h, w, latents_BCTHW.device)
-        if text_mask_BL is None:
-            text_keep_BL = torch.ones(b, text_BLC.shape[1], dtype=torch.bool, device=text_BLC.device)
-        else:
-            text_keep_BL = _keep_some(text_mask_BL == 1)
+        #    None where every key is valid, so that the kernels without a mask can run.
+        video_keep_BN = None if video_mask_BTHW is None else self._video_keep(video_mask_BTHW, b, t, h, w)
+        text_keep_BL = None if text_mask_BL is None else _keep_some(text_mask_BL == 1)
+        video_keep_BN, text_keep_BL = drop_full_masks(video_keep_BN, text_keep_BL)
         rope = rope_3d_tables(
             (t, hp, wp),
             cfg.head_dim,
@@ -446,11 +448,9 @@ class OpenSoraDiT(PipelineChunkInput, MegatronModule):
             raise ValueError(f"received {self.input_tensor.shape[0]} video tokens, expected {n_video}")
         return self.input_tensor
 
-    def _video_keep(self, video_mask_BTHW, b, t, h, w, device) -> torch.Tensor:
+    def _video_keep(self, video_mask_BTHW, b, t, h, w) -> torch.Tensor:
         """Latent-level mask [B, T, H, W] (1 = valid) -> token validity [B, N] (max over each patch, != 0)."""
         p = self.cfg.patch_size
-        if video_mask_BTHW is None:
-            return torch.ones(b, t * (h // p) * (w // p), dtype=torch.bool, device=device)
         m = video_mask_BTHW.float().reshape(b * t, 1, h, w)
         m = F.max_pool2d(m, kernel_size=p, stride=p)
         return _keep_some(m.reshape(b, -1) != 0)

@@ -59,6 +59,7 @@ from megatron_video.parallel.plan import (
     split_frames_for_context_parallel,
     split_tokens_for_context_parallel,
 )
+from megatron_video.platform.attention import drop_full_masks
 
 
 class SUVBlock(nn.Module):
@@ -338,12 +339,11 @@ class SUVModel(PipelineChunkInput, MegatronModule):
             raise ValueError(f"latent height/width {h}x{w} must be multiples of the patch size {p}")
         hp, wp = h // p, w // p
 
-        # 1. Masks (full sequence, needed inside attention) and RoPE tables for the global grid.
-        video_keep_BN = self._video_keep(video_mask_BTHW, b, t, h, w, latents_BCTHW.device)
-        if text_mask_BL is None:
-            text_keep_BL = torch.ones(b, text_BLC.shape[1], dtype=torch.bool, device=text_BLC.device)
-        else:
-            text_keep_BL = text_mask_BL == 1  # as released: any other value excludes the token
+        # 1. Masks (full sequence, needed inside attention; None where every key is valid, so
+        #    that the kernels without a mask can run) and RoPE tables for the global grid.
+        video_keep_BN = None if video_mask_BTHW is None else self._video_keep(video_mask_BTHW, b, t, h, w)
+        text_keep_BL = None if text_mask_BL is None else text_mask_BL == 1  # released: other values exclude
+        video_keep_BN, text_keep_BL = drop_full_masks(video_keep_BN, text_keep_BL)
         rope = rope_3d_tables(
             (t, hp, wp),
             cfg.head_dim,
@@ -410,15 +410,8 @@ class SUVModel(PipelineChunkInput, MegatronModule):
         x = torch.einsum("thwbpqc->bcthpwq", x).reshape(b, cfg.out_channels, t_local, h, w)
         return gather_frames_from_context_parallel(x, plan)
 
-    def _video_keep(self, video_mask_BTHW, b, t, h, w, device) -> torch.Tensor:
+    def _video_keep(self, video_mask_BTHW, b, t, h, w) -> torch.Tensor:
         """Latent-level mask [B, T, H, W] (1 = valid) -> token validity [B, N] (max over each patch)."""
-        if video_mask_BTHW is None:
-            return torch.ones(
-                b,
-                t * (h // self.cfg.patch_size) * (w // self.cfg.patch_size),
-                dtype=torch.bool,
-                device=device,
-            )
         p = self.cfg.patch_size
         m = video_mask_BTHW.float().reshape(b * t, 1, h, w)
         m = torch.nn.functional.max_pool2d(m, kernel_size=p, stride=p)
