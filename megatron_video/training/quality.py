@@ -44,10 +44,14 @@ class StageQuality:
         """Validation metrics of this step (empty when none is due); writes samples when due. The
         time spent is left out of the step's throughput."""
         out: dict[str, float] = {}
-        if self.validator is not None and self.validator.due(trainer.step):
+        validate = self.validator is not None and self.validator.due(trainer.step)
+        sample = self.samples is not None and self.samples.due(trainer.step)
+        if validate or sample:
+            trainer.sync_params()  # under overlap_param_gather the weights and EMA are gathered lazily
+        if validate:
             start = time.perf_counter()
             out = self.validator.evaluate(trainer)
             log.pause(time.perf_counter() - start)
-        if self.samples is not None and self.samples.due(trainer.step):
+        if sample:
             self.samples.run(trainer, trainer.step, log)
         return out
