@@ -76,7 +76,8 @@ def test_cfg_parallel_matches_serial(tmp_path):
         # Latents agree within 1e-5 (tests/distributed/test_inference_parity.py); through the VAE and
         # the encoder the decoded frames may differ by a rounding step at most here and there.
         assert np.abs(pair.astype(int) - serial.astype(int)).mean() < 0.5
-    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == [f"sample_{i:03d}.mp4" for i in range(3)]
+    written = sorted(p.name for p in (tmp_path / "pair").iterdir())
+    assert written == ["manifest.json", *(f"sample_{i:03d}.mp4" for i in range(3))]
 
 
 def test_continuation_from_video(tmp_path):
