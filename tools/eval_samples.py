@@ -99,9 +99,14 @@ def training_references(cfg, size: tuple[int, int], num_frames: int) -> list[Ref
     return refs
 
 
+def best_window(sample_TCHW: torch.Tensor, ref: Reference) -> tuple[float, int]:
+    """(PSNR, index) of the window of `ref` closest to the sample."""
+    return max((frame_psnr(sample_TCHW, w), i) for i, w in enumerate(ref.windows))
+
+
 def nearest_clip(sample_TCHW: torch.Tensor, refs: list[Reference]) -> list[tuple[float, int]]:
     """(best PSNR over windows, reference index) for every reference, best first."""
-    scores = [(max(frame_psnr(sample_TCHW, w) for w in ref.windows), i) for i, ref in enumerate(refs)]
+    scores = [(best_window(sample_TCHW, ref)[0], i) for i, ref in enumerate(refs)]
     return sorted(scores, reverse=True)
 
 
@@ -115,7 +120,7 @@ def evaluate_t2v(sample_dir: Path, prompts: list[str], refs: list[Reference], na
         sample = read_sample(sample_dir / path)
         ranking = nearest_clip(sample, refs)
         best_psnr, best = ranking[0]
-        own_psnr = next(s for s, i in ranking if i == owners[0])
+        own_psnr, own_window = best_window(sample, refs[owners[0]])
         rows.append(
             {
                 "prompt": prompt,
@@ -124,6 +129,7 @@ def evaluate_t2v(sample_dir: Path, prompts: list[str], refs: list[Reference], na
                 "nearest_clip": refs[best].path,
                 "recognised": best in owners,
                 "psnr_to_clip": round(own_psnr, 2),
+                "clip_window": own_window,
                 "psnr_to_nearest": round(best_psnr, 2),
                 "runner_up_psnr": round(ranking[1][0], 2) if len(ranking) > 1 else None,
             }
@@ -201,7 +207,7 @@ def write_sheet(path: str, result: dict, refs: list[Reference]) -> Path:
     for row in result.get("t2v", []):
         sample = read_sample(row["sample"])
         ref = by_path[row["clip"]]
-        best = max(ref.windows, key=lambda w: frame_psnr(sample, w))
+        best = ref.windows[row["clip_window"]]
         verdict = (
             "nearest clip: its own" if row["recognised"] else f"nearest: {Path(row['nearest_clip']).name}"
         )
