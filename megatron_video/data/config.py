@@ -145,6 +145,18 @@ class DataConfig:
     """Every sample becomes exactly `max_height` x `max_width` (centre crop to that aspect, then
     resize). False uses the Min-Max token strategy bounded by `max_hxw` / `min_hxw`."""
 
+    random_crop: bool = False
+    """Under `force_resolution`, place the aspect crop at a random position (drawn from the sample's
+    seed, epoch and index, so a resumed run draws the same) instead of the centre: a spatial
+    augmentation for training VAEs on few clips. Evaluation and sampling always use the centre."""
+
+    crop_short_side: int | None = None
+    """Under `force_resolution`: resize the frames so their short side is this many pixels (aspect
+    kept), then cut the `max_height` x `max_width` sample out of them (centred, or placed at random
+    under `random_crop`), instead of resizing the largest crop of the target's aspect to the target.
+    E.g. 64 x 64 patches of frames seen at 96 pixels: a VAE trains on patches at the resolution it is
+    used at, for the cost of the patch. None (the default) crops then resizes."""
+
     max_height: int = 576
     """Sample height under `force_resolution`, in pixels."""
 
@@ -224,6 +236,18 @@ class DataConfig:
         for name in ("num_frames", "min_num_frames", "max_height", "max_width", "hw_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.crop_short_side is not None:
+            if not self.force_resolution:
+                raise ConfigError(
+                    "data.crop_short_side cuts force-resolution samples out of resized frames; set "
+                    "data.force_resolution=true or crop_short_side=null"
+                )
+            if self.crop_short_side < max(self.max_height, self.max_width):
+                raise ConfigError(
+                    f"data.crop_short_side={self.crop_short_side} is smaller than the "
+                    f"{self.max_height}x{self.max_width} sample cut out of the resized frames; use "
+                    f">= {max(self.max_height, self.max_width)}"
+                )
         for name in ("max_load_attempts",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")

@@ -292,15 +292,15 @@ class VideoTextDataset(Dataset):
         plan = self.plans[index]
         entry, cfg = plan.entry, self.cfg
         crop = entry.crop if cfg.use_crop else None
+        rng = np.random.default_rng([cfg.seed, self.epoch, index])  # temporal, then spatial crop
         if plan.frames is None:
             frames_THWC = read_image(entry.path, crop=crop)
         else:
-            rng = np.random.default_rng([cfg.seed, self.epoch, index])
             frames_THWC = read_video_frames(
                 entry.path, plan.frames.draw(rng), crop=crop, timeout_s=cfg.decode_timeout_s
             )
         video_TCHW = to_model_input(
-            torch.from_numpy(frames_THWC).permute(0, 3, 1, 2), (plan.height, plan.width), cfg
+            torch.from_numpy(frames_THWC).permute(0, 3, 1, 2), (plan.height, plan.width), cfg, rng
         )
         return {
             "video": video_TCHW.permute(1, 0, 2, 3).contiguous(),

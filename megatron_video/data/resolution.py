@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -164,15 +165,39 @@ def max_area_resize_crop(
     return crop(video_TCHW, stride_crop_box(h, w, hw_stride, force_5_ratio))
 
 
-def to_model_input(frames_TCHW_uint8: torch.Tensor, target: tuple[int, int], cfg: DataConfig) -> torch.Tensor:
+def random_aspect_crop_box(h: int, w: int, target_h: int, target_w: int, rng: np.random.Generator) -> Box:
+    """The crop of `aspect_crop_box` (largest with the target's aspect) at a uniformly random position."""
+    _, _, crop_h, crop_w = aspect_crop_box(h, w, target_h, target_w)
+    return int(rng.integers(0, h - crop_h + 1)), int(rng.integers(0, w - crop_w + 1)), crop_h, crop_w
+
+
+def to_model_input(
+    frames_TCHW_uint8: torch.Tensor,
+    target: tuple[int, int],
+    cfg: DataConfig,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
     """uint8 frames -> float32 [T, C, H, W] of size `target`, in [-1, 1] (clamped after resizing).
 
+    With `cfg.random_crop` and an `rng`, the force-resolution crop is placed by `rng`; otherwise centred.
     Raises ValueError when the frames do not produce `target` (an annotation `resolution` that does
     not match the file).
     """
     h, w = frames_TCHW_uint8.shape[-2:]
-    if cfg.force_resolution:  # crop the uint8 frames first: less to convert
-        video = crop(frames_TCHW_uint8, aspect_crop_box(h, w, *target)).float().div_(255.0)
+    randomly = cfg.random_crop and rng is not None
+    if cfg.force_resolution and cfg.crop_short_side is not None:  # resize, then cut the sample out
+        scale = cfg.crop_short_side / min(h, w)
+        size = (max(cfg.crop_short_side, round(h * scale)), max(cfg.crop_short_side, round(w * scale)))
+        video = resize(frames_TCHW_uint8.float().div_(255.0), size, cfg.interpolation)
+        (th, tw), (rh, rw) = target, size
+        if randomly:
+            box = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1)), th, tw
+        else:
+            box = (rh - th) // 2, (rw - tw) // 2, th, tw
+        video = crop(video, box)
+    elif cfg.force_resolution:  # crop the uint8 frames first: less to convert
+        box = random_aspect_crop_box(h, w, *target, rng) if randomly else aspect_crop_box(h, w, *target)
+        video = crop(frames_TCHW_uint8, box).float().div_(255.0)
         video = resize(video, target, cfg.interpolation)
     else:
         video = frames_TCHW_uint8.float().div_(255.0)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from megatron_video.parallel.plan import ParallelPlan
 from megatron_video.parallel.tensor_parallel_state import partition_dims, shard_state_dict, strip_extra_state
+
+if TYPE_CHECKING:  # megatron core is not imported to read or write a flat export
+    from megatron_video.parallel.plan import ParallelPlan
 
 
 def gather_full_state_dict(model: torch.nn.Module, plan: ParallelPlan, tensors: dict | None = None) -> dict:

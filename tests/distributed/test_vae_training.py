@@ -37,6 +37,9 @@ def data_txt(tmp_path_factory) -> Path:
     return tool.prepare_demo_data(tmp_path_factory.mktemp("demo") / "data")
 
 
+MICRO = 2  # clips per rank and iteration, as in the demo (crops placed at random: data.random_crop)
+
+
 def _overrides(data_txt, out_dir, *extra):
     return [
         f"data.data_list={data_txt}",
@@ -45,6 +48,7 @@ def _overrides(data_txt, out_dir, *extra):
         "data.max_height=32",
         "data.max_width=32",
         f"steps={STEPS}",
+        f"micro_batch_size={MICRO}",
         f"loss.disc_start={DISC_START}",
         f"checkpoint.save_interval={SAVE}",
         "checkpoint.keep_last=3",
@@ -139,7 +143,7 @@ def test_dp2_training_reduces_reconstruction_and_resume_is_exact(data_txt, tmp_p
             if key not in ("step_time_s", "phase"):
                 assert a[key] == b[key], (a["step"], key, a[key], b[key])
     assert r_state["step"] == final_state["step"] == STEPS
-    assert r_state["consumed_samples"] == final_state["consumed_samples"] == STEPS * 2
+    assert r_state["consumed_samples"] == final_state["consumed_samples"] == STEPS * 2 * MICRO
     for part in ("generator", "discriminator", "ema"):
         for name, tensor in final_state[part].items():
             assert torch.equal(tensor, r_state[part][name]), (part, name)

@@ -133,3 +133,61 @@ def test_to_model_input_range_and_mismatch():
     assert out.unique().tolist() == [-1.0, 1.0]
     with pytest.raises(ValueError, match="does not match the file"):
         to_model_input(frames, (48, 16), cfg)
+
+
+def test_random_crop_places_the_aspect_crop_by_the_rng():
+    import numpy as np
+
+    cfg = DataConfig(force_resolution=True, max_height=4, max_width=4, min_hxw=None, random_crop=True)
+    # 4 x 12 frame whose columns are numbered: every 4 x 4 crop shows 4 consecutive column numbers.
+    frames = torch.arange(12, dtype=torch.uint8).mul(20).expand(1, 3, 4, 12).contiguous()
+    lefts = set()
+    for seed in range(40):
+        out = to_model_input(frames, (4, 4), cfg, np.random.default_rng(seed))
+        cols = ((out[0, 0, 0] + 1) / 2 * 255 / 20).round().long().tolist()
+        assert cols == list(range(cols[0], cols[0] + 4))
+        lefts.add(cols[0])
+        again = to_model_input(frames, (4, 4), cfg, np.random.default_rng(seed))
+        assert torch.equal(out, again)  # the same draw for the same seed (exact resume)
+    assert lefts == set(range(9))  # every position 0..8 occurs
+    # Without an rng, or with random_crop off, the crop is centred (columns 4..7).
+    for c, rng in (
+        (cfg, None),
+        (DataConfig(**{**cfg.__dict__, "random_crop": False}), np.random.default_rng(0)),
+    ):
+        cols = ((to_model_input(frames, (4, 4), c, rng)[0, 0, 0] + 1) / 2 * 255 / 20).round().long().tolist()
+        assert cols == [4, 5, 6, 7]
+
+
+def test_crop_short_side_cuts_the_sample_out_of_resized_frames():
+    import numpy as np
+
+    from megatron_video.data.config import SampleGeometry
+    from megatron_video.errors import ConfigError
+
+    base = dict(force_resolution=True, max_height=4, max_width=4, min_hxw=None, crop_short_side=6)
+    geometry = SampleGeometry(vae_stride_t=1, vae_stride_hw=1)
+    frames = torch.arange(9 * 18, dtype=torch.float32).reshape(1, 1, 9, 18).expand(1, 3, 9, 18)
+    frames = (frames % 256).to(torch.uint8)
+    # The reference: resize the 9 x 18 frame to a short side of 6 (6 x 12), then cut 4 x 4 out of it.
+    cfg = DataConfig(**base, interpolation="bilinear")
+    resized = center_crop_resize(frames.float() / 255, (6, 12), "bilinear")
+    want = resized[..., 1:5, 4:8].clamp(0, 1) * 2 - 1
+    assert torch.allclose(to_model_input(frames, (4, 4), cfg), want, atol=1e-6)
+    rcfg = DataConfig(**base, interpolation="bilinear", random_crop=True)
+    boxes = set()
+    for seed in range(300):
+        out = to_model_input(frames, (4, 4), rcfg, np.random.default_rng(seed))
+        hits = [
+            (t, x)
+            for t in range(3)
+            for x in range(9)
+            if torch.allclose(out, resized[..., t : t + 4, x : x + 4].clamp(0, 1) * 2 - 1, atol=1e-6)
+        ]
+        assert len(hits) == 1
+        boxes.add(hits[0])
+    assert boxes == {(t, x) for t in range(3) for x in range(9)}
+    with pytest.raises(ConfigError, match="smaller than the 4x4 sample"):
+        DataConfig(**{**base, "crop_short_side": 3}).validate(geometry)
+    with pytest.raises(ConfigError, match="force_resolution=true"):
+        DataConfig(**{**base, "force_resolution": False, "max_hxw": 64}).validate(geometry)
