@@ -236,6 +236,15 @@ class SamplesConfig:
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 disables the unconditional branch)."""
 
+    shift: float | None = None
+    """Flow objectives: static sigma shift of the sampling schedule. None samples with the shift training
+    draws its sigmas with at this sample size (`training.objective.shift`, else the resolution-dependent
+    shift), so a small model is not sampled on a schedule tuned for 576 x 1024 (v1.5 samples with 7.0)."""
+
+    prompt_template: str = "{}"
+    """Template each prompt is put into ("{}": as written, like the training captions; the v1.5
+    release samples with "high quality, {}")."""
+
     fps: float | None = None
     """Frame rate of the mp4s; None uses data.train_fps."""
 
@@ -254,6 +263,14 @@ class SamplesConfig:
             raise ConfigError("training.samples.seeds must list at least one seed")
         if self.steps < 1 or self.frames_in_sheet < 1:
             raise ConfigError("training.samples.steps and frames_in_sheet must be >= 1")
+        if self.shift is not None and not self.shift > 0:
+            raise ConfigError(
+                f"training.samples.shift must be > 0 (None: the training shift), got {self.shift}"
+            )
+        if "{}" not in self.prompt_template:
+            raise ConfigError(
+                f"training.samples.prompt_template {self.prompt_template!r} has no '{{}}' for the prompt"
+            )
         if self.condition_images and len(self.condition_images) != len(self.prompts):
             raise ConfigError(
                 f"training.samples.condition_images lists {len(self.condition_images)} images for "

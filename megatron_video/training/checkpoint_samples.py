@@ -24,6 +24,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from megatron_video.config.schema import ExperimentConfig
+from megatron_video.diffusion.flow import resolution_shift
 from megatron_video.inference.contact_sheet import SheetRow, evenly_spaced, write_contact_sheet
 from megatron_video.inference.naming import video_file_name, write_manifest
 from megatron_video.inference.pipeline import (
@@ -51,6 +52,12 @@ def sampling_config(cfg: ExperimentConfig) -> SamplingConfig:
     """The SamplingConfig of `training.samples` at the stage's sample size."""
     s, flow = cfg.training.samples, cfg.training.objective.kind == "flow"
     defaults = RELEASE_DEFAULTS["flow" if flow else "ddpm"]
+    shift = s.shift if s.shift is not None else cfg.training.objective.shift
+    if shift is None and flow:  # the resolution-dependent shift training used at this size
+        _, stride_hw = cfg.vae.strides
+        shift = resolution_shift(
+            cfg.data.max_height // stride_hw, cfg.data.max_width // stride_hw, cfg.model.patch_size
+        )
     return SamplingConfig(
         num_frames=cfg.data.num_frames,
         height=cfg.data.max_height,
@@ -59,7 +66,8 @@ def sampling_config(cfg: ExperimentConfig) -> SamplingConfig:
         sampler=FLOW_SAMPLER if flow else "euler_ancestral",
         guidance_scale=s.guidance_scale,
         guidance_rescale=defaults["guidance_rescale"],
-        prompt_template=defaults["prompt_template"],
+        shift=shift if shift is not None else SamplingConfig.shift,
+        prompt_template=s.prompt_template,
         fps=s.fps or cfg.data.train_fps,
     )
 

@@ -203,3 +203,37 @@ def test_validation_and_samples_config_checks():
         }
     )
     assert cfg.training.validation.points == [0.25, 0.75] and cfg.data.has_validation_split
+
+
+def test_checkpoint_samples_use_the_training_shift_and_the_prompts_as_written():
+    from megatron_video.diffusion.flow import resolution_shift
+    from megatron_video.training.checkpoint_samples import sampling_config
+
+    with pytest.raises(ConfigError, match="samples.shift must be > 0"):
+        _cfg(samples={"interval": 5, "prompts": ["a"], "shift": 0.0})
+    with pytest.raises(ConfigError, match="has no '\\{\\}'"):
+        _cfg(samples={"interval": 5, "prompts": ["a"], "prompt_template": "high quality"})
+    data = {"max_height": 96, "max_width": 64, "num_frames": 9}
+    cfg = build_config(
+        {"model": {"flavor": "tiny"}, "data": data, "training": {"samples": {"prompts": ["a"]}}}
+    )
+    sc = sampling_config(cfg)
+    # 96 x 64 pixels -> a 12 x 8 latent (WF-VAE 8x8x8) -> 24 tokens of patch 2: the shift training draws with.
+    assert sc.shift == pytest.approx(resolution_shift(12, 8, 2)) and 1.5 < sc.shift < 1.6
+    assert sc.prompt_template == "{}" and (sc.height, sc.width, sc.num_frames) == (96, 64, 9)
+    fixed = build_config(
+        {
+            "model": {"flavor": "tiny"},
+            "data": data,
+            "training": {"objective": {"shift": 3.0}, "samples": {"prompts": ["a"]}},
+        }
+    )
+    assert sampling_config(fixed).shift == 3.0
+    own = build_config(
+        {
+            "model": {"flavor": "tiny"},
+            "data": data,
+            "training": {"samples": {"prompts": ["a"], "shift": 7.0, "prompt_template": "high quality, {}"}},
+        }
+    )
+    assert (sampling_config(own).shift, sampling_config(own).prompt_template) == (7.0, "high quality, {}")
