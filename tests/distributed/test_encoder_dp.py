@@ -28,6 +28,9 @@ def _batches(rank, world_size, data_list, encoder_dp, count):
         [
             "vae.checkpoint=null",
             f"data.data_list={data_list}",
+            # the two ranks form one tensor-parallel replica, whose encoders the option splits
+            "parallel.tensor_parallel=2",
+            "parallel.sequence_parallel=true",
             f"training.encoder_data_parallel={encoder_dp}",
         ],
     )

@@ -71,6 +71,8 @@ def make_cfg(data_txt, *overrides):
             "vae.checkpoint=null",
             f"data.data_list={data_txt}",
             "data.media=all",
+            "data.max_height=64",  # small latents keep the cache tests quick
+            "data.max_width=64",
             "captions.caption_dropout=0.5",
             "captions.default_text_ratio=0.5",
             *overrides,
