@@ -19,7 +19,19 @@ import torch
 
 ROOT = Path(__file__).parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("megatron_single")]
-COMMON = ["--steps", "3", "--guidance-scale", "4.0", "--seed", "5", "vae.checkpoint=null"]
+COMMON = [
+    "--steps",
+    "3",
+    "--guidance-scale",
+    "4.0",
+    "--seed",
+    "5",
+    "--height",
+    "64",
+    "--width",
+    "64",
+    "vae.checkpoint=null",
+]
 SERIAL = ["parallel.tensor_parallel=1", "parallel.sequence_parallel=false", "parallel.context_parallel=1"]
 
 
