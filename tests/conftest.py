@@ -9,6 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_video.platform.megatron_import import import_megatron_core
+
+import_megatron_core()  # before any test module imports megatron (see platform/megatron_import.py)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

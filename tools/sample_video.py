@@ -224,9 +224,11 @@ def load_weights(model, runtime, path: str, raw: bool) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_video.platform.megatron_import import import_megatron_core
     from megatron_video.platform.quiet import install_output_filters
 
     install_output_filters()  # before megatron is imported
+    import_megatron_core()
     from megatron_video.config import load_config
     from megatron_video.inference.pipeline import (
         FLOW_SAMPLER,

@@ -15,6 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_video.platform.megatron_import import import_megatron_core
+
+# A spawned rank unpickles `_worker` (importing this module) before the test's function, whose
+# module may import megatron: import it here first, without its import-time compile wrappers.
+import_megatron_core()
+
 # How long a rank waits on its peers in a collective before failing, in seconds.
 PROCESS_GROUP_TIMEOUT_S = 60
 # After one rank fails, how long the others get to report before they are killed, in seconds.

@@ -30,9 +30,11 @@ def run_entry_point(body: Callable[[], None]) -> int:
     A default process group the body started is destroyed at the end; a caller's (notebook, test)
     is left alone.
     """
+    from megatron_video.platform.megatron_import import import_megatron_core
     from megatron_video.platform.quiet import install_output_filters
 
     install_output_filters()  # before megatron is imported: its fall-back notices are known noise
+    import_megatron_core()
     from megatron_video.errors import ConfigError
     from megatron_video.training.preemption import Preempted
 
