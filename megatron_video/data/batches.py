@@ -34,7 +34,7 @@ from megatron_video.data.dataset import ResumableLoader, VideoTextDataset
 from megatron_video.data.i2v_masks import I2VMasker, compress_mask
 from megatron_video.data.sampler import MegabatchBucketSampler
 from megatron_video.data.text import CaptionProcessor
-from megatron_video.models.text.encoders import TextEncoderPair
+from megatron_video.models.text.encoders import CaptionEmbeddingCache, TextEmbeddings, TextEncoderPair
 
 
 @dataclass
@@ -171,6 +171,9 @@ class EncodedBatches:
         self.stats = BatchStats()
         self.dp_rank, self.dp_size, self.task, self.device = dp_rank, dp_size, task, torch.device(device)
         self.captions = CaptionProcessor.from_encoders(cfg.captions, cfg.text)
+        self.text_cache = (
+            CaptionEmbeddingCache(self._embed, cfg.text.cache_size) if cfg.text.cache_size else None
+        )
         self.masker = I2VMasker(cfg.i2v) if task == "i2v" else None
         self.consumed_samples = consumed_samples
         self._loader = ResumableLoader(
@@ -291,8 +294,7 @@ class EncodedBatches:
                     raw["captions"][i], gen, aesthetic=raw["aesthetic"][i], is_video=not raw["is_image"][i]
                 )
             )
-        tokens = self.captions.tokenize(texts)
-        emb = self.text({role: {k: v.to(self.device) for k, v in t.items()} for role, t in tokens.items()})
+        emb = self._embed(texts) if self.text_cache is None else self.text_cache(texts)
         cond = {"text_BLC": emb.hidden_BLC, "text_mask_BL": emb.mask_BL}
         cond["pooled_BP"] = emb.pooled_BP
 
@@ -324,6 +326,10 @@ class EncodedBatches:
                 mask_B1THW, self.vae.temporal_stride, self.vae.spatial_stride, self.vae.spatial_stride
             )
         return TrainBatch(x0, cond, loss_mask)
+
+    def _embed(self, texts: list[str]) -> TextEmbeddings:
+        tokens = self.captions.tokenize(texts)
+        return self.text({role: {k: v.to(self.device) for k, v in t.items()} for role, t in tokens.items()})
 
     def _encode(self, video_BCTHW, indices, epoch, salt, sample=None):
         sample = self.cfg.vae.sample_posterior if sample is None else sample

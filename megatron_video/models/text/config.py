@@ -135,9 +135,17 @@ class TextEncoderPairConfig:
     """Separate encoder of the pooled vector [B, P] (v1.5: CLIP bigG). None: the context encoder
     gives it when its `pooled` is true (MiniLM), otherwise there is no pooled input."""
 
+    cache_size: int = 0
+    """Training: keep the embeddings of up to this many distinct captions per process (least
+    recently used evicted), so the encoders run once per caption. For corpora with few distinct
+    captions (the CPU demo: 20, and the empty caption of CFG dropout); 0 encodes every batch, as a
+    corpus of unique captions needs."""
+
     def validate(self, check_files: bool = True) -> None:
         """Raise ConfigError when an encoder is misconfigured or cannot fill its role (its weights
         folder is checked unless `check_files` is false)."""
+        if self.cache_size < 0:
+            raise ConfigError(f"text.cache_size must be >= 0 (0: no cache), got {self.cache_size}")
         self.context.validate(check_files)
         if not self.context.token_states:
             raise ConfigError(f"text.context encoder '{self.context.kind}' must have token_states=true")

@@ -15,7 +15,8 @@ Weights and tokenizers are read only from local folders (`local_files_only=True`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -231,3 +232,39 @@ class TextEncoderPair(nn.Module):
     def encode_texts(self, texts: Sequence[str]) -> TextEmbeddings:
         """Tokenize and encode a list of captions."""
         return self(self.tokenize(texts))
+
+
+class CaptionEmbeddingCache:
+    """Embeddings per caption text in front of an encode function, least recently used evicted.
+
+    `encode(texts)` runs only on the captions not held (once per distinct caption of the call); a
+    call returns the rows of its captions in order. Rows are kept as copies, so a cached caption's
+    embedding is the one of the batch it was first encoded in.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], TextEmbeddings], size: int):
+        if size < 1:
+            raise ValueError(f"cache size must be >= 1, got {size}")
+        self.encode, self.size = encode, size
+        self.rows: OrderedDict[str, TextEmbeddings] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, texts: Sequence[str]) -> TextEmbeddings:
+        missing = [text for text in dict.fromkeys(texts) if text not in self.rows]
+        if missing:
+            emb = self.encode(missing)
+            for i, text in enumerate(missing):
+                pooled = None if emb.pooled_BP is None else emb.pooled_BP[i].clone()
+                self.rows[text] = TextEmbeddings(emb.hidden_BLC[i].clone(), emb.mask_BL[i].clone(), pooled)
+        self.misses += len(missing)
+        self.hits += len(texts) - len(missing)
+        rows = []
+        for text in texts:
+            self.rows.move_to_end(text)
+            rows.append(self.rows[text])
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+        pooled = None if rows[0].pooled_BP is None else torch.stack([r.pooled_BP for r in rows])
+        return TextEmbeddings(
+            torch.stack([r.hidden_BLC for r in rows]), torch.stack([r.mask_BL for r in rows]), pooled
+        )
