@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The CPU demo, end to end on the shipped small data (2 processes, no GPU needed):
 #   real clips and images -> tiny WF-VAE (two clips held out) -> T2I (dense, TP=2 + SP)
-#   -> T2V (SUV, DP=2) -> I2V (inpainting, Ulysses CP=2) -> quality figures.
+#   -> T2V (SUV, DP=2) -> I2V (inpainting, DP=2) -> quality figures.
 # Leaves under outputs/tiny/: data/, vae/ (+ heldout.json), stages/<stage>/{checkpoints,tensorboard,
 # loss_curve.png,metrics.jsonl,samples/step_XXXXXXX/,final_*.safetensors}, samples/contact_sheet.png
 # and samples/figures.json. The T2V and I2V stages sample their EMA weights at their last step (four
-# training captions; the first frame of carphone_talk.mp4): those are the samples scored at the end.
+# training captions of four different scenes; the first frame of carphone_talk.mp4): those are the
+# samples scored at the end.
 # Re-running skips what is already finished.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -102,8 +102,9 @@ def test_continuation_from_video(tmp_path):
     args = [
         "--config", "examples/tiny/i2v.yaml", "--weights", str(weights), "--prompt", "a gradient",
         "--video", str(source), "--condition-frames", "5", "--out-dir", str(tmp_path / "out"), *COMMON,
+        "parallel.context_parallel=2",
     ]  # fmt: skip
-    _run(2, args, 29663)  # the i2v config's Ulysses CP=2
+    _run(2, args, 29663)  # Ulysses CP=2
     frames, codec, _ = _decode(tmp_path / "out" / "sample_000.mp4")
     assert frames.shape == (9, 64, 64, 3) and codec == "h264"
 
