@@ -143,6 +143,7 @@ def test_i2v_samples_under_context_parallel(demo_data, tmp_path):
 
     image = demo_data.parent / "media" / "images" / "astronaut.jpg"
     extra = [
+        "parallel.context_parallel=2",
         "training.validation.interval=0",
         "training.samples.interval=1",
         "training.samples.seeds=[0]",

@@ -47,7 +47,7 @@ def test_t2i_then_i2v_stage(demo_data, tmp_path):
 
     init = f"training.checkpoint.init_from={tmp_path / 't2i' / 'final_ema.safetensors'}"
     i2v = subprocess.run(
-        _cmd("pretrain_i2v.py", "examples/tiny/i2v.yaml", tmp_path / "i2v", demo_data, 29632, ["training.steps=3", init]),
+        _cmd("pretrain_i2v.py", "examples/tiny/i2v.yaml", tmp_path / "i2v", demo_data, 29632, ["training.steps=3", "parallel.context_parallel=2", init]),
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert i2v.returncode == 0, i2v.stderr[-4000:]
